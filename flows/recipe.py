@@ -1,0 +1,56 @@
+"""The ``prolong-recipe`` flow: data → stage1 → stage2 → sft → eval, each stage one task.
+
+Trigger it from the Prefect UI (a deployment in prefect.yaml), the CLI (``prolong run``), or
+Python. Re-running a run name continues where it stopped: finished stages are skipped by their
+manifests, and an interrupted training stage resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from prolong.config import load_recipe, recipe_to_dict
+from prolong.pipeline import RunContext, publish_recipe, summarize_metrics
+from prolong.stages import STAGES, select_stages, upstream
+from prolong.store import DEFAULT_STORE, open_store
+from tasks.stages import artifact_key, stage_task
+
+
+def _flow_run_name() -> str:
+    params = flow_run.parameters
+    return params.get("run_name") or load_recipe(params["recipe"]).name
+
+
+@flow(name="prolong-recipe", flow_run_name=_flow_run_name, log_prints=True)
+def prolong_recipe(recipe: str = "recipes/tiny.yaml", run_name: str | None = None, store: str = DEFAULT_STORE,
+                   stages: list[str] | None = None, from_stage: str | None = None,
+                   overrides: list[str] | None = None) -> dict:
+    """Run the recipe's stages in order.
+
+    recipe: path of a recipe YAML; run_name: folder in the store (default: the recipe's name);
+    store: artifact store URL (./runs or s3://bucket/prefix); stages: a subset to run;
+    from_stage: force this stage and every later one to run again; overrides: ["stage1.steps=10", ...].
+    """
+    logger = get_run_logger()
+    cfg = load_recipe(recipe, overrides or [])
+    run = run_name or cfg.name
+    chosen = select_stages(cfg, stages, from_stage)
+    ctx = RunContext(recipe=cfg, store=open_store(store), run=run)
+    publish_recipe(ctx)
+    logger.info("run %s in %s: stages %s", run, ctx.store.uri(run), ", ".join(chosen))
+    raw = recipe_to_dict(cfg)
+    results: dict[str, dict] = {}
+    forced = set(chosen[chosen.index(from_stage):]) if from_stage else set()
+    for stage in chosen:
+        ups = {u: results[u]["digest"] for u in upstream(cfg, stage) if u in results}
+        results[stage] = stage_task.with_options(name=stage, task_run_name=f"{stage}")(
+            stage, raw, run, ctx.store.url, force=stage in forced, upstream=ups)
+    rows = ["| stage | | result |", "|---|---|---|"]
+    for stage in [s for s in STAGES if s in results]:
+        r = results[stage]
+        rows.append(f"| {stage} | {'skipped' if r['skipped'] else 'ran'} | {summarize_metrics(stage, r['metrics'])} |")
+    create_markdown_artifact(f"## ProLong run `{run}`\n\nStore: `{ctx.store.uri(run)}`\n\n" + "\n".join(rows),
+                             key=artifact_key(run, "summary"), description=f"{run}: recipe summary")
+    return {stage: r["digest"] for stage, r in results.items()}

@@ -1,0 +1,373 @@
+"""Recipe schema: YAML → typed, validated, immutable configs.
+
+A recipe composes one config per concern (model, data, each training stage, eval, jobs), in the
+spirit of OLMo-core's experiment configs. Validation happens once, here; a bad field fails with one
+line naming its dotted path (``stage2.mixture: proportions sum to 0.97, not 1``).
+
+Token counts accept integers or binary-suffixed strings: ``64K`` = 65,536, ``4M`` = 4,194,304.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from prolong.errors import ConfigError
+
+TRAIN_STAGES = ("stage1", "stage2", "sft")
+_SUFFIX = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_tokens(value: Any) -> int:
+    """``65536``, ``"64K"`` and ``"0.5M"`` → token counts (binary suffixes, as ML papers use them)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a token count, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KkMmGg]?)\s*", str(value))
+    if not m:
+        raise ValueError(f"expected a token count like 65536 or 64K, got {value!r}")
+    n = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    if not n.is_integer():
+        raise ValueError(f"{value!r} is not a whole number of tokens")
+    return int(n)
+
+
+def format_tokens(n: int) -> str:
+    """Inverse of :func:`parse_tokens` for display and stream names: 65536 → ``64K``."""
+    for suffix in ("G", "M", "K"):
+        if n >= _SUFFIX[suffix] and n % _SUFFIX[suffix] == 0:
+            return f"{n // _SUFFIX[suffix]}{suffix}"
+    return str(n)
+
+
+Tokens = Annotated[int, BeforeValidator(parse_tokens), Field(gt=0)]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- model
+
+
+class ModelConfig(_Config):
+    """The model to continue training: an HF hub id, a local directory, or ``builtin:NAME``."""
+
+    path: str
+    tokenizer: str | None = None  # defaults to `path`
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # auto: flash-attn varlen if installed on a GPU, else FlexAttention on a GPU, else SDPA.
+    attention: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
+
+
+# ---------------------------------------------------------------- data sources
+
+
+class RepoSource(_Config):
+    """A folder whose sub-folders are code repositories: one document per repository."""
+
+    type: Literal["repos"]
+    path: str
+    files: list[str] = ["*"]  # globs of files to keep inside each repository
+    exclude: list[str] = []  # globs of repository names to skip
+
+
+class FileSource(_Config):
+    """Local or remote files (jsonl, json, txt, parquet); a path may be a file, folder or glob."""
+
+    type: Literal["files"]
+    path: str
+    format: Literal["auto", "jsonl", "txt", "parquet"] = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+
+
+class HFSource(_Config):
+    """A Hugging Face dataset by name (``datasets.load_dataset``), streamed by default."""
+
+    type: Literal["hf"]
+    name: str
+    subset: str | None = None
+    split: str = "train"
+    data_files: str | list[str] | None = None
+    revision: str | None = None
+    streaming: bool = True
+    text_field: str = "text"
+    messages_field: str = "messages"
+
+
+Source = Annotated[Union[RepoSource, FileSource, HFSource], Field(discriminator="type")]
+
+
+class DomainConfig(_Config):
+    """A named data domain. ``long``: cut into single-document samples of the stream length;
+    ``short``: packed with the truncated remainder carried over; ``sft``: chat data, packed with
+    the remainder discarded and a loss mask on assistant tokens (paper §A.2)."""
+
+    kind: Literal["long", "short", "sft"]
+    source: Source
+    max_documents: int | None = Field(default=None, gt=0)
+
+
+class DataConfig(_Config):
+    seed: int = 42
+    num_workers: int = Field(default=0, ge=0)  # 0: all cores
+    domains: dict[str, DomainConfig]
+    compression: str | None = "zstd"
+    # Extra samples written beyond what the stage mixtures consume, so a stream is not repeated.
+    oversample: float = Field(default=1.0, ge=1.0)
+
+    @model_validator(mode="after")
+    def _names(self):
+        for name in self.domains:
+            if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+                raise ValueError(f"domains.{name}: domain names use letters, digits, '_' and '-' only")
+        return self
+
+
+# ---------------------------------------------------------------- training stages
+
+
+class OptimConfig(_Config):
+    """AdamW as in Table 9."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+
+
+class MixtureComponent(_Config):
+    """One stream of a stage: a domain, and for long domains the document length it is cut to."""
+
+    domain: str
+    doc_len: int | None  # None: packed to the stage's sequence length
+    proportion: float
+
+
+class TrainStageConfig(_Config):
+    seq_len: Tokens
+    rope_theta: float = Field(gt=0)
+    steps: int = Field(gt=0)
+    batch_tokens: Tokens  # global batch; accumulation = batch_tokens / (seq_len · micro_batch · dp)
+    micro_batch_size: int = Field(default=1, gt=0)
+    lr: float = Field(gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    optim: OptimConfig = OptimConfig()
+    # "domain" or "domain@LEN" (long domains cut to LEN-token documents) → proportion of samples.
+    mixture: dict[str, float]
+    init_from: str | None = None  # "model" or an earlier stage; default: the stage before
+    keep_optimizer_state: bool = False  # carry Adam moments from init_from (ProLong stage 2)
+    sequence_parallel: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=0, ge=0)  # 0: only the final checkpoint
+    loss_chunk_size: int = Field(default=8192, gt=0)
+    reorder_minibatches: bool = True
+    activation_checkpointing: bool = True
+    compile: bool = False
+    seed: int | None = None
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_tokens // self.seq_len
+
+    def components(self) -> list[MixtureComponent]:
+        out = []
+        for key, proportion in self.mixture.items():
+            domain, _, length = key.partition("@")
+            out.append(MixtureComponent(domain=domain, doc_len=parse_tokens(length) if length else None,
+                                        proportion=proportion))
+        return out
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.batch_tokens % self.seq_len:
+            raise ValueError(f"batch_tokens: {self.batch_tokens} is not a multiple of seq_len {self.seq_len}")
+        if self.seq_len % self.sequence_parallel:
+            raise ValueError(f"sequence_parallel: {self.sequence_parallel} does not divide seq_len {self.seq_len}")
+        total = sum(self.mixture.values())
+        if not self.mixture or not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"mixture: proportions sum to {total:.6g}, not 1")
+        for key, p in self.mixture.items():
+            if p <= 0:
+                raise ValueError(f"mixture.{key}: proportion must be > 0, got {p}")
+            _, _, length = key.partition("@")
+            if length:
+                try:
+                    n = parse_tokens(length)
+                except ValueError as e:
+                    raise ValueError(f"mixture.{key}: {e}") from None
+                if n > self.seq_len or self.seq_len % n:
+                    raise ValueError(f"mixture.{key}: document length {n} must divide seq_len {self.seq_len}")
+        return self
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class JsonKVConfig(_Config):
+    lengths: list[Tokens] = Field(min_length=1)
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    samples_per_depth: int = Field(default=2, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
+    seed: int = 0
+
+
+class LmEvalConfig(_Config):
+    tasks: list[str] = Field(min_length=1)
+    num_fewshot: int | dict[str, int] = 0  # one lm-eval call per distinct shot count
+    include_path: str | None = None  # folder of local task YAMLs
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=1, gt=0)
+    max_length: Tokens | None = None  # default: the evaluated stage's seq_len
+
+    def shots(self, task: str) -> int:
+        return self.num_fewshot if isinstance(self.num_fewshot, int) else self.num_fewshot.get(task, 0)
+
+
+class EvalConfig(_Config):
+    model_from: str = "sft"
+    json_kv: JsonKVConfig | None = None
+    lm_eval: LmEvalConfig | None = None
+
+
+# ---------------------------------------------------------------- jobs
+
+
+class JobsConfig(_Config):
+    backend: Literal["local"] = "local"
+    nproc_per_node: int = Field(default=1, gt=0)
+    time_limit_minutes: float | None = Field(default=None, gt=0)
+    env: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------- recipe
+
+
+class Recipe(_Config):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 42
+    model: ModelConfig
+    data: DataConfig
+    stage1: TrainStageConfig
+    stage2: TrainStageConfig | None = None
+    sft: TrainStageConfig | None = None
+    eval: EvalConfig | None = None
+    jobs: JobsConfig = JobsConfig()
+
+    def train_stage(self, name: str) -> TrainStageConfig:
+        cfg = getattr(self, name)
+        if cfg is None:
+            raise ConfigError(f"{name}: this recipe has no {name} section")
+        return cfg
+
+    def present_train_stages(self) -> list[str]:
+        return [s for s in TRAIN_STAGES if getattr(self, s) is not None]
+
+    def init_source(self, stage: str) -> str:
+        """Where a training stage takes its weights from: "model" or an earlier stage."""
+        explicit = self.train_stage(stage).init_from
+        if explicit:
+            return explicit
+        earlier = [s for s in self.present_train_stages() if TRAIN_STAGES.index(s) < TRAIN_STAGES.index(stage)]
+        return earlier[-1] if earlier else "model"
+
+    @model_validator(mode="after")
+    def _cross_fields(self):
+        present = self.present_train_stages()
+        for stage in present:
+            cfg = getattr(self, stage)
+            for comp in cfg.components():
+                domain = self.data.domains.get(comp.domain)
+                where = f"{stage}.mixture.{comp.domain}"
+                if domain is None:
+                    raise ValueError(f"{where}: no such domain in data.domains")
+                if (stage == "sft") != (domain.kind == "sft"):
+                    want = "sft" if stage == "sft" else "long or short"
+                    raise ValueError(f"{where}: {stage} needs {want} domains, {comp.domain} is {domain.kind}")
+                if comp.doc_len is not None and domain.kind != "long":
+                    raise ValueError(f"{where}: a document length (@) applies to long domains only")
+            init = self.init_source(stage)
+            if init != "model" and (init not in present or TRAIN_STAGES.index(init) >= TRAIN_STAGES.index(stage)):
+                raise ValueError(f"{stage}.init_from: {init!r} is not an earlier stage of this recipe")
+            if cfg.keep_optimizer_state and init == "model":
+                raise ValueError(f"{stage}.keep_optimizer_state: needs init_from to name an earlier stage")
+        if self.eval is not None and self.eval.model_from not in present:
+            raise ValueError(f"eval.model_from: {self.eval.model_from!r} is not a training stage of this recipe")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    """First error as ``dotted.path: reason``, the path being the one a user writes in YAML."""
+    first = err.errors()[0]
+    parts = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
+    # a discriminated union adds its tag after `source`; the YAML path has no such level
+    parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "source" and p in ("repos", "files", "hf"))]
+    loc = ".".join(parts)
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" and re.match(r"^[\w@.\-]+: ", msg):
+        # a model validator's message names the field relative to the model it validates
+        return f"{loc}.{msg}" if loc else msg
+    return f"{loc}: {msg}" if loc else msg
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``["stage1.steps=10", "jobs.nproc_per_node=2"]`` → a new dict; values parse as YAML."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+                if not isinstance(node[part], dict):
+                    raise ConfigError(f"--set {key}: {part} is not a section")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping")
+    return recipe_from_dict(apply_overrides(raw, overrides))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return recipe.model_dump(mode="json")

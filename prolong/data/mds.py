@@ -1,0 +1,106 @@
+"""MDS shards (mosaicml-streaming): writing packed samples and reading a stage's mixture.
+
+Each *stream* is one folder of MDS shards holding samples of one stage length from one domain
+(long domains also at one document length): ``{run}/data/streams/L64K/code_repos@64K``. A stage
+reads its streams with ``Stream(proportion=...)``; mosaicml-streaming does the weighted sampling,
+the deterministic shuffle, and — through its state dict — the exact resume position.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from prolong.config import format_tokens
+
+COLUMNS = {"input_ids": "ndarray:uint32", "indices": "ndarray:int64", "domain": "str"}
+SFT_COLUMNS = {**COLUMNS, "mask": "ndarray:uint8"}
+SHARD_SIZE = "64mb"
+
+
+def import_streaming():
+    """Import mosaicml-streaming without torchvision.
+
+    ``import streaming`` imports its ``streaming.vision`` subpackage, which needs torchvision — a
+    package that cannot load next to a CPU build of torch from PyPI, and that we never use. An empty
+    placeholder for that one subpackage lets the text/MDS parts import normally.
+    """
+    if "streaming" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:
+            sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
+    import streaming
+
+    return streaming
+
+
+@dataclass(frozen=True, order=True)
+class StreamKey:
+    seq_len: int
+    domain: str
+    doc_len: int | None = None  # long domains: the document length samples are cut to
+
+    @property
+    def name(self) -> str:
+        suffix = f"@{format_tokens(self.doc_len)}" if self.doc_len else ""
+        return f"L{format_tokens(self.seq_len)}/{self.domain}{suffix}"
+
+
+def stream_rel(run: str, key: StreamKey) -> str:
+    return f"{run}/data/streams/{key.name}"
+
+
+def write_stream(samples: Iterable, out_dir: Path, *, sft: bool, compression: str | None) -> dict:
+    """Write samples (``pack.Sample``) as MDS shards; returns counts for the data report."""
+    MDSWriter = import_streaming().MDSWriter
+    n = tokens = docs = 0
+    with MDSWriter(out=str(out_dir), columns=SFT_COLUMNS if sft else COLUMNS, compression=compression,
+                   hashes=["sha1", "xxh64"], size_limit=SHARD_SIZE, progress_bar=False) as writer:
+        for s in samples:
+            writer.write(s.to_mds())
+            n += 1
+            tokens += len(s.input_ids)
+            docs += len(s.indices)
+    return {"samples": n, "tokens": tokens, "documents": docs}
+
+
+def read_stream(path: str | Path) -> list[dict]:
+    """All samples of one local stream folder (tests and reports; training uses `mixture_dataset`)."""
+    LocalDataset = import_streaming().LocalDataset
+    ds = LocalDataset(local=str(path))
+    return [ds[i] for i in range(len(ds))]
+
+
+def mixture_dataset(store, run: str, keys_and_proportions: list[tuple[StreamKey, float]], *, cache_dir: Path,
+                    seed: int, batch_size: int, epoch_size: int, replication: int | None = None):
+    """A StreamingDataset over a stage's streams in the given proportions.
+
+    ``epoch_size`` is the stage's total number of sequences, so one epoch is the whole stage and the
+    per-stream counts follow the proportions exactly; ``replication`` makes groups of ranks (a
+    sequence-parallel group) read the same samples.
+    """
+    streaming = import_streaming()
+    streams = []
+    for key, proportion in keys_and_proportions:
+        rel = stream_rel(run, key)
+        if store.is_local:
+            streams.append(streaming.Stream(local=str(store.local_path(rel)), proportion=proportion))
+        else:
+            streams.append(streaming.Stream(remote=store.uri(rel), local=str(cache_dir / key.name),
+                                            proportion=proportion))
+    return streaming.StreamingDataset(streams=streams, epoch_size=epoch_size, batch_size=batch_size, shuffle=True,
+                                      shuffle_seed=seed, replication=replication, allow_unsafe_types=False)
+
+
+def as_int64(sample: dict) -> dict:
+    """MDS → tensors-to-be: ids as int64 (embedding index type), indices as [n, 2]."""
+    out = dict(sample)
+    out["input_ids"] = np.asarray(sample["input_ids"], dtype=np.int64)
+    out["indices"] = np.asarray(sample["indices"], dtype=np.int64).reshape(-1, 2)
+    return out

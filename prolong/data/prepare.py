@@ -1,0 +1,149 @@
+"""The data stage: sources → tokenize → filter → pack → MDS streams in the store → manifest.
+
+Which streams to write, and how many samples each, follows from the training stages' mixtures:
+a stage of ``steps`` optimizer steps over ``batch_tokens / seq_len`` sequences reads
+``proportion × steps × sequences`` samples of each of its streams (times ``data.oversample``).
+A long domain used at several document lengths in one stage (stage 2: code repos at 512K and
+64K) assigns each document to one length only, longest first, so the 64K documents packed to
+512K are distinct from the 512K documents (§A.2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+from prolong.config import Recipe
+from prolong.data.mds import StreamKey, write_stream
+from prolong.data.pack import TokenizedDoc, long_pieces, pack_concatenated, pack_long
+from prolong.data.sources import Document, iter_documents
+from prolong.data.tokenize import DocumentTokenizer
+from prolong.errors import DataError
+from prolong.manifest import StageRecorder
+from prolong.store import Store
+
+log = logging.getLogger(__name__)
+BATCH = 256
+
+
+def stream_plan(recipe: Recipe) -> dict[StreamKey, dict]:
+    """Every stream the training stages read → samples needed and which stages read it."""
+    plan: dict[StreamKey, dict] = {}
+    for stage in recipe.present_train_stages():
+        cfg = recipe.train_stage(stage)
+        sequences = cfg.steps * cfg.global_batch_size
+        for comp in cfg.components():
+            key = StreamKey(seq_len=cfg.seq_len, domain=comp.domain,
+                            doc_len=(comp.doc_len or cfg.seq_len) if recipe.data.domains[comp.domain].kind == "long" else None)
+            need = math.ceil(sequences * comp.proportion * recipe.data.oversample)
+            entry = plan.setdefault(key, {"samples": 0, "stages": []})
+            entry["samples"] = max(entry["samples"], need)
+            entry["stages"].append(stage)
+    return plan
+
+
+def _shuffled_documents(name: str, recipe: Recipe) -> list[Document]:
+    docs = list(iter_documents(name, recipe.data.domains[name], recipe.data.seed))
+    if not docs:
+        raise DataError(f"data.domains.{name}: the source yielded no documents")
+    random.Random(f"{recipe.data.seed}:{name}").shuffle(docs)  # "randomly sample and concatenate" (§A.2)
+    return docs
+
+
+def _tokenized(docs: list[Document], tok: DocumentTokenizer, sft: bool) -> Iterator[TokenizedDoc]:
+    for i in range(0, len(docs), BATCH):
+        batch = docs[i:i + BATCH]
+        if sft:
+            yield from (tok.encode_chat(d) for d in batch)
+        else:
+            yield from tok.encode_texts([d.text for d in batch])
+
+
+def _long_streams(name: str, keys: list[StreamKey], plan, docs, tok, seed: int) -> dict[StreamKey, list]:
+    """Cut long documents into pieces for each stream of this domain.
+
+    Within one stage length a document feeds one stream only (distinct 64K/512K documents, §A.2):
+    each document goes to the stream, among those it is long enough for, that is furthest below its
+    need. Pieces are then drawn round-robin across a stream's documents, so a capped stream still
+    samples many documents instead of exhausting the first large one.
+    """
+    tokenized = [d for d in _tokenized(docs, tok, sft=False)]
+    wanted = {k: plan[k]["samples"] * (k.seq_len // k.doc_len) for k in keys}
+    by_seq: dict[int, list[StreamKey]] = defaultdict(list)
+    for k in keys:
+        by_seq[k.seq_len].append(k)
+    assigned: dict[StreamKey, list[TokenizedDoc]] = {k: [] for k in keys}
+    for group in by_seq.values():
+        supply = {k: 0 for k in group}
+        for doc in tokenized:
+            fits = [k for k in group if len(doc.ids) >= k.doc_len]
+            if fits:
+                k = min(fits, key=lambda k: (supply[k] / wanted[k], -k.doc_len))
+                assigned[k].append(doc)
+                supply[k] += len(doc.ids) // k.doc_len
+    out = {}
+    rng = random.Random(seed)
+    for k in keys:
+        per_doc = [list(long_pieces([d], k.doc_len)) for d in assigned[k]]
+        for pieces in per_doc:
+            rng.shuffle(pieces)
+        chosen = [p for round_ in itertools.zip_longest(*per_doc) for p in round_ if p is not None][:wanted[k]]
+        if len(chosen) < k.seq_len // k.doc_len:
+            raise DataError(f"data.domains.{name}: {len(assigned[k])} documents have at least {k.doc_len} tokens, "
+                            f"too few for one sample of stream {k.name}")
+        out[k] = list(pack_long(chosen, k.doc_len, k.seq_len, name, seed))
+    return out
+
+
+def _concatenated_streams(name, keys, plan, docs, tok, sft: bool) -> dict[StreamKey, list]:
+    out = {}
+    for k in keys:
+        samples = []
+        for s in pack_concatenated(_tokenized(docs, tok, sft), k.seq_len, name, carry_over=not sft):
+            samples.append(s)
+            if len(samples) >= plan[k]["samples"]:
+                break
+        if not samples:
+            raise DataError(f"data.domains.{name}: not enough tokens for one {k.seq_len}-token sample (stream {k.name})")
+        out[k] = samples
+    return out
+
+
+def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None):
+    rec = StageRecorder(store, run, recipe, "data")
+    rec.invalidate()
+    plan = stream_plan(recipe)
+    tok = DocumentTokenizer(recipe.model.tokenizer_path, recipe.model.revision)
+    by_domain: dict[str, list[StreamKey]] = defaultdict(list)
+    for key in sorted(plan):
+        by_domain[key.domain].append(key)
+    streams, domains = {}, {}
+    with tempfile.TemporaryDirectory(prefix="prolong-data-", dir=workdir) as tmp:
+        for name, keys in by_domain.items():
+            kind = recipe.data.domains[name].kind
+            log.info("domain %s (%s): reading", name, kind)
+            docs = _shuffled_documents(name, recipe)
+            if kind == "long":
+                samples = _long_streams(name, keys, plan, docs, tok, recipe.data.seed)
+            else:
+                samples = _concatenated_streams(name, keys, plan, docs, tok, sft=kind == "sft")
+            domains[name] = {"kind": kind, "source_documents": len(docs)}
+            for key, rows in samples.items():
+                out = Path(tmp) / key.name
+                counts = write_stream(rows, out, sft=kind == "sft", compression=recipe.data.compression)
+                if counts["samples"] < plan[key]["samples"]:
+                    log.warning("stream %s: %d samples, %d wanted; training will repeat them", key.name,
+                                counts["samples"], plan[key]["samples"])
+                rec.put_dir(out, f"streams/{key.name}", move=True)
+                streams[key.name] = {"seq_len": key.seq_len, "domain": name, "doc_len": key.doc_len,
+                                     "wanted": plan[key]["samples"], "stages": plan[key]["stages"], **counts}
+                log.info("stream %s: %d samples, %d tokens", key.name, counts["samples"], counts["tokens"])
+    totals = {"samples": sum(s["samples"] for s in streams.values()), "tokens": sum(s["tokens"] for s in streams.values())}
+    return rec.finish(metrics={"streams": streams, "domains": domains, **totals},
+                      artifacts={"streams": {k: f"streams/{k}" for k in streams}})

@@ -1,0 +1,191 @@
+"""Sources → documents. Every domain of a recipe reads one source and yields documents in a
+deterministic order; a document is either text or a chat (``messages``).
+
+* ``repos``: a folder of code repositories, one document per repository with its files
+  concatenated in a seeded random order (paper Table 9: "code repos"; not dependency order);
+* ``files``: jsonl / txt / parquet files, local or remote (fsspec), a file, folder or glob;
+* ``hf``: a Hugging Face dataset by name (``datasets.load_dataset``), streamed by default.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from prolong import assets
+from prolong.config import DomainConfig, FileSource, HFSource, RepoSource
+from prolong.errors import DataError
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str | None = None
+    messages: tuple[dict, ...] | None = None
+
+
+def _seeded(seed: int, key: str) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little"))
+
+
+def _read_text(path: Path, where: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start} ({where})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}) ({where})") from None
+
+
+# ---------------------------------------------------------------- repos
+
+
+def _repo_documents(src: RepoSource, where: str, seed: int) -> Iterator[Document]:
+    root = Path(assets.resolve(src.path)).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{where}.path: {root} is not a folder of repositories")
+    repos = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    repos = [p for p in repos if not any(fnmatch.fnmatch(p.name, pat) for pat in src.exclude)]
+    for repo in repos:
+        files = sorted(f for f in repo.rglob("*") if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in src.files))
+        if not files:
+            continue
+        _seeded(seed, repo.name).shuffle(files)
+        parts = []
+        for f in files:
+            try:
+                parts.append(f.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                continue  # binary or legacy-encoded files inside a repository are skipped, not fatal
+        text = "\n\n".join(p for p in parts if p.strip())
+        if text:
+            yield Document(id=f"{root.name}/{repo.name}", text=text)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _expand_paths(path: str, where: str) -> list[str]:
+    import fsspec
+
+    from prolong.store import storage_options
+
+    resolved = assets.resolve(path)
+    fs, root = fsspec.core.url_to_fs(resolved, **storage_options(resolved))
+    if any(c in root for c in "*?["):
+        found = sorted(fs.glob(root))
+    elif fs.isdir(root):
+        found = sorted(p for p in fs.find(root) if not Path(p).name.startswith("."))
+    elif fs.exists(root):
+        found = [root]
+    else:
+        found = []
+    if not found:
+        raise DataError(f"{where}.path: {resolved} does not exist or matches no files")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [p if protocol == "file" else f"{protocol}://{p}" for p in found]
+
+
+def _file_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.lower().removesuffix(".gz").removesuffix(".zst")
+    for ext, kind in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".txt", "txt"), (".md", "txt")):
+        if name.endswith(ext):
+            return kind
+    raise DataError(f"{path}: cannot tell the format from the name; set source.format (jsonl, txt, parquet)")
+
+
+def _row_document(row: dict, src: FileSource | HFSource, kind: str, doc_id: str, where: str) -> Document:
+    if kind == "sft":
+        messages = row.get(src.messages_field)
+        if messages is None and "instruction" in row and "output" in row:  # LongAlpaca-style rows
+            messages = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise DataError(f"{doc_id}: field {src.messages_field!r} must be a list of {{role, content}} ({where})")
+        return Document(id=doc_id, messages=tuple(messages))
+    text = row.get(src.text_field)
+    if not isinstance(text, str):
+        raise DataError(f"{doc_id}: no text field {src.text_field!r} ({where}.text_field)")
+    return Document(id=doc_id, text=text)
+
+
+def _file_documents(src: FileSource, kind: str, where: str) -> Iterator[Document]:
+    import fsspec
+
+    from prolong.store import storage_options
+
+    for path in _expand_paths(src.path, where):
+        fmt = _file_format(path, src.format)
+        opts = storage_options(path)
+        try:
+            if fmt == "txt":
+                with fsspec.open(path, "rb", compression="infer", **opts) as f:
+                    raw = f.read()
+                try:
+                    yield Document(id=path, text=raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: invalid UTF-8 at byte {e.start} ({where})") from None
+            elif fmt == "jsonl":
+                with fsspec.open(path, "rb", compression="infer", **opts) as f:
+                    for n, line in enumerate(f, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            row = json.loads(line.decode("utf-8"))
+                        except UnicodeDecodeError as e:
+                            raise DataError(f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line ({where})") from None
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}) ({where})") from None
+                        yield _row_document(row, src, kind, f"{path}:{n}", where)
+            else:
+                import pyarrow.parquet as pq
+
+                with fsspec.open(path, "rb", **opts) as f:
+                    table = pq.read_table(f)
+                for n, row in enumerate(table.to_pylist()):
+                    yield _row_document(row, src, kind, f"{path}#{n}", where)
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found ({where}.path)") from None
+        except PermissionError:
+            raise DataError(f"{path}: permission denied ({where}.path)") from None
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def _hf_documents(src: HFSource, kind: str, where: str) -> Iterator[Document]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.name, src.subset, split=src.split, data_files=src.data_files,
+                                   revision=src.revision, streaming=src.streaming)
+    except FileNotFoundError as e:
+        raise DataError(f"{where}.name: dataset {src.name!r} not found ({e})") from None
+    except Exception as e:  # datasets raises many types for unreachable hubs and bad configs
+        raise DataError(f"{where}: cannot load dataset {src.name!r} ({type(e).__name__}: {e})") from None
+    for n, row in enumerate(ds):
+        yield _row_document(row, src, kind, f"{src.name}#{n}", where)
+
+
+def iter_documents(name: str, domain: DomainConfig, seed: int) -> Iterator[Document]:
+    """Documents of one domain, in a deterministic order, up to ``max_documents``."""
+    where = f"data.domains.{name}.source"
+    src = domain.source
+    if isinstance(src, RepoSource):
+        if domain.kind == "sft":
+            raise DataError(f"{where}.type: a repos source cannot feed an sft domain")
+        docs = _repo_documents(src, where, seed)
+    elif isinstance(src, FileSource):
+        docs = _file_documents(src, domain.kind, where)
+    else:
+        docs = _hf_documents(src, domain.kind, where)
+    for i, doc in enumerate(docs):
+        if domain.max_documents is not None and i >= domain.max_documents:
+            return
+        yield doc

@@ -1,0 +1,1 @@
+"""Evaluation: HELMET-style long-context tasks and lm-eval short-context tasks (runs as a job)."""

@@ -1,0 +1,75 @@
+"""Entry point of every stage job: ``python -m prolong.jobs.entry STAGE STORE_URL RUN_NAME``.
+
+(Positional arguments: torchrun parses the options of the command it launches for abbreviations
+of its own, and ``--run`` would be taken for its ``--run-path``.)
+
+Reads the run's resolved recipe from ``{store}/{run}/recipe.json`` (written by the orchestrator),
+runs the stage, and turns a ProlongError into one ``error: ...`` line and its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "datasets", "httpx", "streaming"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # single-process DCP saves/loads warn that no process group exists: that is the intent
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prolong.errors import ProlongError
+
+    parser = argparse.ArgumentParser(prog="python -m prolong.jobs.entry")
+    parser.add_argument("stage", choices=["data", "stage1", "stage2", "sft", "eval"])
+    parser.add_argument("store")
+    parser.add_argument("run")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        from prolong.config import recipe_from_dict
+        from prolong.store import open_store
+
+        store = open_store(args.store)
+        recipe = recipe_from_dict(store.read_json(f"{args.run}/recipe.json"))
+        if args.stage == "data":
+            from prolong.data.prepare import prepare
+
+            if int(os.environ.get("RANK", "0")) == 0:
+                prepare(recipe, store, args.run)
+        elif args.stage == "eval":
+            from prolong.eval.main import run_eval_stage
+
+            run_eval_stage(recipe, store, args.run)
+        else:
+            from prolong.train.main import run_train_stage
+
+            run_train_stage(recipe, store, args.run, args.stage)
+    except ProlongError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        from prolong.parallel import shutdown
+
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

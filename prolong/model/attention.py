@@ -1,0 +1,163 @@
+"""Document-masked attention: tokens attend only within their own document (paper §A.3, Table 9).
+
+Document boundaries travel from the loader to attention as ``cu_seq_lens`` (cumulative document
+lengths over the flattened batch, flash-attn's convention) passed through the HF model's forward
+kwargs. The model code stays untouched: we register one attention function with transformers'
+``AttentionInterface`` and pick a backend for it once per process:
+
+* ``flash`` — flash-attn's varlen kernel (GPU, when flash-attn is installed);
+* ``flex``  — FlexAttention with a block-sparse document mask (GPU; its backward does not run on CPU);
+* ``sdpa``  — PyTorch SDPA per document, documents of equal length batched together. Exact on any
+  device, costs Σ len² rather than L², and is the CPU path.
+
+Registering our own name also makes transformers skip building a dense L×L mask (it only builds
+masks for the implementations it knows), which at 512K tokens would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "prolong_document"
+BACKENDS = ("sdpa", "flex", "flash")
+_state = {"backend": "sdpa"}
+
+
+@dataclass(frozen=True)
+class DocumentLayout:
+    """Where documents start and end in a (batch, seq_len) block of tokens."""
+
+    cu_seqlens: torch.Tensor  # int32 [n_docs + 1], offsets into the flattened batch
+    max_seqlen: int
+    position_ids: torch.Tensor  # [batch, seq_len], restarting at 0 in each document
+
+    @classmethod
+    def from_lengths(cls, lengths: list[list[int]], device: torch.device | str = "cpu") -> "DocumentLayout":
+        """`lengths[b]` are the document lengths of sample b; each sample's lengths sum to seq_len."""
+        flat = [n for sample in lengths for n in sample if n > 0]
+        totals = {sum(sample) for sample in lengths}
+        if len(totals) != 1:
+            raise ValueError(f"samples of one batch must have equal length, got {sorted(totals)}")
+        cu = torch.zeros(len(flat) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(flat, dtype=torch.int32), 0)
+        positions = torch.cat([torch.arange(n) for n in flat]).view(len(lengths), -1)
+        return cls(cu_seqlens=cu.to(device), max_seqlen=max(flat), position_ids=positions.to(device))
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments for an HF model's forward (flash-attn naming, understood by all backends)."""
+        return {"position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                "max_length_q": self.max_seqlen, "max_length_k": self.max_seqlen}
+
+
+def flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_backend(requested: str = "auto", device: torch.device | str = "cpu") -> str:
+    """Pick and remember the backend; 'auto' prefers flash-attn, then FlexAttention, on GPUs."""
+    on_gpu = torch.device(device).type == "cuda"
+    if requested == "auto":
+        backend = "flash" if on_gpu and flash_available() else "flex" if on_gpu else "sdpa"
+    else:
+        backend = requested
+    if backend == "flash" and not flash_available():
+        raise RuntimeError("model.attention: flash needs a CUDA GPU with flash-attn installed")
+    if backend == "flex" and not on_gpu:
+        raise RuntimeError("model.attention: flex needs a GPU (FlexAttention's backward does not run on CPU)")
+    if backend not in BACKENDS:
+        raise RuntimeError(f"model.attention: unknown backend {backend!r}")
+    _state["backend"] = backend
+    log.info("document attention backend: %s", backend)
+    return backend
+
+
+def current_backend() -> str:
+    return _state["backend"]
+
+
+def _kv_groups(module, query: torch.Tensor, key: torch.Tensor) -> int:
+    return getattr(module, "num_key_value_groups", query.shape[1] // key.shape[1])
+
+
+def _sdpa_documents(q, k, v, cu: list[int], scale, groups: int) -> torch.Tensor:
+    """q/k/v: [heads, tokens, dim] over the flattened batch → [heads, tokens, dim]."""
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    out = torch.empty_like(q)
+    by_len: dict[int, list[int]] = {}
+    for start, n in zip(cu[:-1], lengths):
+        by_len.setdefault(n, []).append(start)
+    for n, starts in by_len.items():
+        # gather all documents of length n into one [docs, heads, n, dim] batch
+        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+        qs, ks, vs = (t.index_select(1, idx).unflatten(1, (len(starts), n)).transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        out.index_copy_(1, idx, o.transpose(0, 1).flatten(1, 2))
+    return out
+
+
+def _flex_documents(q, k, v, cu: torch.Tensor, scale, groups: int) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    total = q.shape[1]
+    doc_ids = torch.bucketize(torch.arange(total, device=q.device), cu[1:].to(q.device), right=True)
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx)
+
+    mask = create_block_mask(document_causal, None, None, total, total, device=q.device)
+    out = flex_attention(q[None], k[None], v[None], block_mask=mask, scale=scale, enable_gqa=groups > 1)
+    return out[0]
+
+
+def _flash_documents(q, k, v, cu: torch.Tensor, max_len: int, scale) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    # flash-attn wants [tokens, heads, dim] and handles grouped KV heads natively
+    o = flash_attn_varlen_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, max_len, max_len,
+                               causal=True, softmax_scale=scale)
+    return o.transpose(0, 1)
+
+
+def document_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                       cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers attention function: [batch, heads, len, dim] in → [batch, len, heads, dim] out."""
+    batch, heads, length, dim = query.shape
+    if cu_seq_lens_q is None:
+        # no layout (e.g. generation): plain causal attention over each sample
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                             is_causal=attention_mask is None and length > 1, scale=scaling,
+                                             enable_gqa=key.shape[1] != heads)
+        return out.transpose(1, 2).contiguous(), None
+    if key.shape[2] != length:
+        raise RuntimeError("document attention does not support a KV cache; call the model with use_cache=False")
+    groups = _kv_groups(module, query, key)
+    # [batch, heads, len, dim] → [heads, batch·len, dim]: documents are spans of the flattened batch
+    q, k, v = (t.transpose(0, 1).reshape(t.shape[1], batch * length, dim) for t in (query, key, value))
+    backend = _state["backend"]
+    if backend == "flash":
+        o = _flash_documents(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)
+    elif backend == "flex":
+        o = _flex_documents(q, k, v, cu_seq_lens_q, scaling, groups)
+    else:
+        o = _sdpa_documents(q, k, v, cu_seq_lens_q.tolist(), scaling, groups)
+    return o.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+def register() -> str:
+    """Make ``attn_implementation="prolong_document"`` available to transformers models."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, document_attention)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,31 @@
+"""The training module: an HF causal LM plus the chunked loss, as one ``nn.Module``.
+
+Computing the loss inside this module's ``forward`` matters under FSDP2: the output embedding is
+gathered for the duration of the root module's forward, so the chunked cross-entropy can use its
+weight directly without ever building the full logits tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prolong.model.attention import DocumentLayout
+from prolong.train.loss import chunked_cross_entropy_sum
+
+
+class TrainingLM(nn.Module):
+    def __init__(self, lm: nn.Module, loss_chunk_size: int = 8192):
+        super().__init__()
+        self.lm = lm
+        self.loss_chunk_size = loss_chunk_size
+
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self.lm, self.lm.base_model_prefix)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+        """Σ token cross-entropy of the micro-batch (the trainer divides by the global token count)."""
+        hidden = self.backbone(input_ids=input_ids, use_cache=False, **layout.model_kwargs()).last_hidden_state
+        weight = self.lm.get_output_embeddings().weight
+        return chunked_cross_entropy_sum(hidden, weight, targets, self.loss_chunk_size)

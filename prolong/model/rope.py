@@ -1,0 +1,46 @@
+"""RoPE base frequency (θ): the one place that reads and writes it on an HF config.
+
+ProLong raises θ from Llama-3's 5e5 to 8e6 for 64K training and to 1.28e8 for 512K (Table 9).
+transformers ≥ 5 keeps θ in ``config.rope_parameters`` (per layer type for hybrid models);
+earlier versions in ``config.rope_theta``. θ must be set *before* the model is built: the rotary
+embedding computes its inverse frequencies at construction.
+"""
+
+from __future__ import annotations
+
+
+def _param_dicts(config) -> list[dict]:
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        return []
+    if "rope_theta" in params or "rope_type" in params:
+        return [params]
+    return [v for v in params.values() if isinstance(v, dict)]  # per layer type
+
+
+def get_rope_theta(config) -> float:
+    dicts = _param_dicts(config)
+    if dicts:
+        thetas = {float(d["rope_theta"]) for d in dicts if "rope_theta" in d}
+        if len(thetas) == 1:
+            return thetas.pop()
+    return float(getattr(config, "rope_theta"))
+
+
+def set_rope_theta(config, theta: float) -> None:
+    dicts = _param_dicts(config)
+    for d in dicts:
+        d["rope_theta"] = float(theta)
+    if not dicts or hasattr(config, "rope_theta"):
+        config.rope_theta = float(theta)
+
+
+def model_rope_theta(model) -> float:
+    """θ actually in use by a built model (reads the rotary module's frequencies back)."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if inv_freq is not None and inv_freq.numel() > 1:
+            dim = 2 * inv_freq.numel()
+            # inv_freq[1] = θ^(-2/dim)  →  θ = inv_freq[1]^(-dim/2)
+            return float(inv_freq[1].double() ** (-dim / 2))
+    raise ValueError("model has no rotary embedding")

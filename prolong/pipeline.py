@@ -1,0 +1,156 @@
+"""Running stages, independent of any orchestrator: skip if done, else submit a job and wait.
+
+The Prefect tasks in ``tasks/`` are thin wrappers over :func:`run_stage`, adding logs, progress
+and artifacts in the UI. The rules live here:
+
+* a stage whose manifest holds today's input key is *done* and is skipped;
+* a forced stage (``--from-stage``) has its folder removed first, checkpoints included;
+* otherwise the job runs; a training job resumes from its own checkpoints when they were made
+  for the same input key;
+* a stage is finished only when its job succeeded *and* wrote a manifest with the expected key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from prolong.config import Recipe, recipe_to_dict
+from prolong.errors import JobError, StageError, StoreError
+from prolong.jobs import JobBackend, JobSpec, JobState, get_backend
+from prolong.manifest import Manifest, expected_key, read_manifest, stage_prefix, stage_state
+from prolong.stages import digest
+from prolong.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    manifest: Manifest
+    skipped: bool
+    job_id: str | None = None
+    log_uri: str | None = None
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    store: Store
+    run: str
+    backend: JobBackend = field(default=None)  # type: ignore[assignment]
+    log_dir: Path = field(default_factory=lambda: Path(os.environ.get("PROLONG_LOG_DIR", ".cache/prolong/logs")))
+
+    def __post_init__(self):
+        if self.backend is None:
+            self.backend = get_backend(self.recipe.jobs.backend)
+
+
+def publish_recipe(ctx: RunContext) -> str:
+    """Write the resolved recipe the jobs read; returns its digest."""
+    data = recipe_to_dict(ctx.recipe)
+    rel = f"{ctx.run}/recipe.json"
+    try:
+        current = ctx.store.read_json(rel) if ctx.store.exists(rel) else None
+    except StoreError:
+        current = None
+    if current != data:
+        ctx.store.write_json_atomic(rel, data)
+    return digest(data)
+
+
+def job_spec(ctx: RunContext, stage: str, attempt: str) -> JobSpec:
+    jobs = ctx.recipe.jobs
+    nproc = 1 if stage in ("data", "eval") else jobs.nproc_per_node
+    return JobSpec(
+        name=f"{ctx.run}-{stage}", args=[stage, ctx.store.url, ctx.run],
+        log_path=ctx.log_dir / ctx.run / f"{stage}-{attempt}.log", nproc_per_node=nproc, env=dict(jobs.env),
+        time_limit_s=jobs.time_limit_minutes * 60 if jobs.time_limit_minutes else None)
+
+
+def read_progress(ctx: RunContext, stage: str) -> dict | None:
+    rel = f"{stage_prefix(ctx.run, stage)}/progress.json"
+    try:
+        return ctx.store.read_json(rel) if ctx.store.exists(rel) else None
+    except StoreError:
+        return None  # a progress file is advisory; never fail a stage over it
+
+
+def run_stage(ctx: RunContext, stage: str, *, force: bool = False, on_log: Callable[[str], None] | None = None,
+              on_progress: Callable[[dict], None] | None = None) -> StageResult:
+    state, manifest = stage_state(ctx.store, ctx.run, ctx.recipe, stage)
+    if state == "done" and not force:
+        log.info("%s: done (manifest %s), skipping", stage, manifest.digest[:12])
+        return StageResult(stage, manifest, skipped=True)
+    key = expected_key(ctx.store, ctx.run, ctx.recipe, stage)  # raises if an upstream stage is not done
+    if force:
+        ctx.store.delete(stage_prefix(ctx.run, stage))
+    attempt = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    spec = job_spec(ctx, stage, attempt)
+    handle = ctx.backend.submit(spec)
+    log.info("%s: submitted %s (log %s)", stage, handle.job_id, spec.log_path)
+
+    def tick():
+        if on_progress and (p := read_progress(ctx, stage)):
+            on_progress(p)
+
+    final = handle.wait(on_line=on_log, on_tick=tick)
+    log_rel = f"{stage_prefix(ctx.run, stage)}/logs/{attempt}.log"
+    try:
+        ctx.store.put_file(spec.log_path, log_rel)
+    except (OSError, StoreError) as e:
+        log.warning("%s: could not upload the job log (%s)", stage, e)
+    if final != JobState.SUCCEEDED:
+        tail = [ln for ln in handle.tail(40) if ln.strip()]
+        errors = [ln for ln in tail if ln.startswith("error: ")]
+        reason = errors[-1].removeprefix("error: ") if errors else (tail[-1] if tail else "no output")
+        raise JobError(f"{stage}: job {handle.job_id} {final.value} (exit {handle.exit_code}): {reason} "
+                       f"[log: {ctx.store.uri(log_rel)}]")
+    manifest = read_manifest(ctx.store, ctx.run, stage)
+    if manifest is None or manifest.input_key != key:
+        raise StageError(f"{stage}: the job finished but wrote no manifest for these inputs "
+                         f"[log: {ctx.store.uri(log_rel)}]")
+    return StageResult(stage, manifest, skipped=False, job_id=handle.job_id, log_uri=ctx.store.uri(log_rel))
+
+
+def status_table(store: Store, run: str, recipe: Recipe) -> list[dict]:
+    from prolong.stages import present_stages
+
+    rows = []
+    for stage in present_stages(recipe):
+        state, m = stage_state(store, run, recipe, stage)
+        progress = None
+        if state != "done":
+            rel = f"{stage_prefix(run, stage)}/progress.json"
+            progress = store.read_json(rel) if store.exists(rel) else None
+        rows.append({"stage": stage, "state": state, "finished_at": m.finished_at if m else None,
+                     "manifest": m.digest[:12] if m else None, "metrics": m.metrics if m else {},
+                     "progress": progress})
+    return rows
+
+
+def summarize_metrics(stage: str, metrics: dict) -> str:
+    """One short line of a stage's headline numbers, for tables and logs."""
+    if stage == "data":
+        return f"{metrics.get('samples', 0)} samples, {metrics.get('tokens', 0):,} tokens in {len(metrics.get('streams', {}))} streams"
+    if stage in ("stage1", "stage2", "sft"):
+        first, last = metrics.get("loss_first"), metrics.get("loss_last10")
+        if first is None:
+            return ""
+        return f"{metrics.get('steps')} steps, loss {first:.3f} → {last:.3f}, θ={metrics.get('rope_theta'):g}"
+    if stage == "eval":
+        parts = []
+        if "json_kv" in metrics:
+            parts.append("JSON KV " + ", ".join(f"{k}: {v:.0f}" for k, v in metrics["json_kv"]["by_length"].items()))
+        for task, m in metrics.get("lm_eval", {}).items():
+            acc = next((v for k, v in m.items() if k.startswith("acc") and "stderr" not in k), None)
+            if acc is not None:
+                parts.append(f"{task} acc {acc:.3f}")
+        return "; ".join(parts)
+    return json.dumps(metrics)[:80]

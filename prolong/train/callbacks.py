@@ -1,0 +1,113 @@
+"""Trainer features as callbacks (OLMo-core's pattern): logging, metrics, progress, checkpoints.
+
+Only the main rank writes. ``progress.json`` in the stage folder is what the orchestrator polls
+to show live progress (the job itself knows nothing about Prefect).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from prolong.manifest import now
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    def on_train_start(self, trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        pass
+
+    def on_train_end(self, trainer) -> None:
+        pass
+
+
+class ConsoleLogger(Callback):
+    def __init__(self, every: int = 1):
+        self.every = every
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.world.is_main and (metrics["step"] % self.every == 0 or metrics["step"] == trainer.total_steps):
+            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f", metrics["step"], trainer.total_steps,
+                     metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"])
+
+
+class MetricsFile(Callback):
+    """Every step's metrics as JSON lines, uploaded to ``{stage}/metrics.jsonl`` periodically and at the end."""
+
+    def __init__(self, store, rel: str, local: Path, upload_every: int = 10):
+        self.store, self.rel, self.local, self.upload_every = store, rel, local, upload_every
+
+    def on_train_start(self, trainer):
+        if trainer.world.is_main and trainer.state.step > 0 and self.store.exists(self.rel):
+            self.local.write_bytes(self.store.read_bytes(self.rel))  # keep earlier attempts' lines on resume
+            lines = [json.loads(x) for x in self.local.read_text().splitlines() if x.strip()]
+            self.local.write_text("".join(json.dumps(x) + "\n" for x in lines if x["step"] <= trainer.state.step))
+
+    def on_step_end(self, trainer, metrics):
+        if not trainer.world.is_main:
+            return
+        with open(self.local, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if metrics["step"] % self.upload_every == 0:
+            self.upload()
+
+    def upload(self):
+        if self.local.exists():
+            self.store.write_bytes_atomic(self.rel, self.local.read_bytes())
+
+    def on_train_end(self, trainer):
+        if trainer.world.is_main:
+            self.upload()
+
+
+class ProgressFile(Callback):
+    """A small JSON the orchestrator turns into a progress bar; throttled to one write per interval."""
+
+    def __init__(self, store, rel: str, stage: str, interval_s: float = 2.0):
+        self.store, self.rel, self.stage, self.interval_s = store, rel, stage, interval_s
+        self._last = 0.0
+        self._t0 = time.monotonic()
+
+    def _write(self, trainer, metrics: dict | None, state: str):
+        step = trainer.state.step
+        done = step - trainer.start_step
+        elapsed = time.monotonic() - self._t0
+        eta = elapsed / done * (trainer.total_steps - step) if done else None
+        self.store.write_json_atomic(self.rel, {
+            "stage": self.stage, "state": state, "step": step, "total_steps": trainer.total_steps,
+            "percent": round(100.0 * step / trainer.total_steps, 1), "eta_s": eta, "updated_at": now(),
+            **({k: metrics[k] for k in ("loss", "lr", "tokens_per_s") if k in metrics} if metrics else {}),
+        })
+
+    def on_train_start(self, trainer):
+        if trainer.world.is_main:
+            self._write(trainer, None, "running")
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.world.is_main and (time.monotonic() - self._last >= self.interval_s or trainer.state.step == trainer.total_steps):
+            self._last = time.monotonic()
+            self._write(trainer, metrics, "running")
+
+    def on_train_end(self, trainer):
+        if trainer.world.is_main:
+            self._write(trainer, None, "finished")
+
+
+class Checkpointing(Callback):
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, trainer, metrics):
+        step = trainer.state.step
+        if self.every and step % self.every == 0 and step < trainer.total_steps:
+            trainer.save_checkpoint()
+
+    def on_train_end(self, trainer):
+        if trainer.last_checkpoint_step != trainer.state.step:
+            trainer.save_checkpoint()

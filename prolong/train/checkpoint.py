@@ -1,0 +1,145 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), kept in the artifact store.
+
+``{run}/{stage}/checkpoints/step_00000040/`` holds the DCP shards of model and optimizer, the
+trainer state (step, scheduler, data-loader position) as JSON, each rank's RNG state, and — written
+last — ``COMPLETE``. Only complete checkpoints are ever resumed from; older ones are pruned after a
+newer one completes. Shards are written to a local staging folder and then uploaded (for a local
+store, written in place).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from prolong.errors import StageError
+from prolong.parallel import World
+from prolong.store import Store
+
+log = logging.getLogger(__name__)
+COMPLETE = "COMPLETE"
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+class Checkpointer:
+    def __init__(self, store: Store, prefix: str, world: World, keep: int = 2):
+        self.store, self.world, self.keep = store, world, keep
+        self.prefix = f"{prefix}/checkpoints"
+        self._staging = Path(tempfile.mkdtemp(prefix="prolong-ckpt-")) if not store.is_local else None
+
+    # ------------------------------------------------------------ discovery
+    def complete_steps(self, prefix: str | None = None) -> list[int]:
+        base = prefix or self.prefix
+        steps = []
+        for name in self.store.list(base):
+            if name.startswith("step_") and self.store.exists(f"{base}/{name}/{COMPLETE}"):
+                steps.append(int(name.removeprefix("step_")))
+        return sorted(steps)
+
+    def latest(self) -> int | None:
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def trainer_state(self, step: int) -> dict:
+        rel = f"{self.prefix}/{step_dir(step)}/trainer.json"
+        return self.store.read_json(rel) if self.store.exists(rel) else {}
+
+    def clear(self) -> None:
+        if self.world.is_main:
+            self.store.delete(self.prefix)
+        _barrier(self.world)
+
+    def _local_dir(self, rel: str, *, download: bool) -> Path:
+        if self.store.is_local:
+            return Path(self.store.path(rel))
+        local = self._staging / rel
+        if download and self.world.local_rank == 0 and not (local / COMPLETE).exists():
+            self.store.get_dir(rel, local)
+        _barrier(self.world)
+        return local
+
+    # ------------------------------------------------------------ save
+    def save(self, step: int, model, optimizer, trainer_state: dict) -> str:
+        rel = f"{self.prefix}/{step_dir(step)}"
+        local = self._local_dir(rel, download=False)
+        if self.world.is_main and self.store.exists(rel):
+            self.store.delete(rel)  # an incomplete leftover of a crashed save
+        _barrier(self.world)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local / "dcp"))
+        local.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), local / f"rng_rank{self.world.rank}.pt")
+        if self.world.is_main:
+            (local / "trainer.json").write_text(json.dumps({**trainer_state, "world_size": self.world.world_size}, indent=2))
+        _barrier(self.world)
+        if not self.store.is_local and self.world.local_rank == 0:
+            self.store.put_dir(local, rel)
+        _barrier(self.world)
+        if self.world.is_main:
+            self.store.write_bytes_atomic(f"{rel}/{COMPLETE}", b"")
+            self._prune(step)
+        _barrier(self.world)
+        log.info("checkpoint saved: %s", self.store.uri(rel))
+        return rel
+
+    def _prune(self, newest: int) -> None:
+        for step in self.complete_steps()[:-self.keep]:
+            if step != newest:
+                self.store.delete(f"{self.prefix}/{step_dir(step)}")
+
+    # ------------------------------------------------------------ load
+    def load(self, step: int, model, optimizer, *, prefix: str | None = None, model_too: bool = True,
+             restore_rng: bool = True) -> dict:
+        """Restore model and optimizer (or the optimizer alone) from a complete checkpoint."""
+        rel = f"{prefix or self.prefix}/{step_dir(step)}"
+        local = self._local_dir(rel, download=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd} if model_too else {"optim": optim_sd}
+        try:
+            dcp.load(state, checkpoint_id=str(local / "dcp"))
+        except Exception as e:  # DCP raises CheckpointException with per-rank tracebacks
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise StageError(f"{self.store.uri(rel)}: checkpoint does not match this model/optimizer ({first})") from None
+        set_state_dict(model, optimizer, model_state_dict=state.get("model", model_sd) if model_too else {},
+                       optim_state_dict=state["optim"], options=StateDictOptions(strict=model_too))
+        trainer_state = json.loads((local / "trainer.json").read_text()) if (local / "trainer.json").exists() else {}
+        rng_file = local / f"rng_rank{self.world.rank}.pt"
+        if restore_rng and rng_file.exists() and trainer_state.get("world_size") == self.world.world_size:
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        log.info("checkpoint loaded: %s (%s)", self.store.uri(rel), "model+optimizer" if model_too else "optimizer")
+        return trainer_state
+
+    def close(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)

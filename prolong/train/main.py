@@ -1,0 +1,164 @@
+"""A training stage as a job (stage1, stage2, sft): runs under torchrun, one process per device.
+
+Started twice with the same inputs it resumes from its newest complete checkpoint. Stage hand-off
+needs no manual step: weights come from the upstream stage's ``hf/`` export, θ from this stage's
+config, the LR schedule starts afresh, and with ``keep_optimizer_state`` the Adam moments are
+loaded from the upstream stage's final checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from prolong.config import Recipe, TrainStageConfig
+from prolong.data.mds import StreamKey, mixture_dataset
+from prolong.data.tokenize import load_tokenizer
+from prolong.errors import ConfigError, StageError
+from prolong.manifest import StageRecorder, stage_prefix
+from prolong.model import attention
+from prolong.model.lm import TrainingLM
+from prolong.model.load import DTYPES, load_model
+from prolong.parallel import World, init_world, parallelize
+from prolong.store import Store
+from prolong.train.batch import collate
+from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile
+from prolong.train.checkpoint import Checkpointer, step_dir
+from prolong.train.schedule import build_scheduler
+from prolong.train.trainer import Trainer, TrainerState
+
+log = logging.getLogger(__name__)
+
+
+def accumulation_steps(cfg: TrainStageConfig, stage: str, data_parallel: int) -> int:
+    per_pass = cfg.micro_batch_size * data_parallel
+    if cfg.global_batch_size % per_pass:
+        raise ConfigError(f"{stage}.batch_tokens: {cfg.global_batch_size} sequences per step do not divide into "
+                          f"micro-batches of {cfg.micro_batch_size} on {data_parallel} data-parallel ranks")
+    return cfg.global_batch_size // per_pass
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainStageConfig) -> torch.optim.Optimizer:
+    """AdamW; norms and biases (1-D parameters) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=False, foreach=False)
+
+
+def _reset_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainStageConfig) -> None:
+    """After carrying moments over, this stage's LR, betas and decay apply (the schedule restarts)."""
+    for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
+        group.update(lr=cfg.lr, initial_lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=decay)
+
+
+def _upstream_model_dir(store: Store, run: str, init: str, world: World, tmp: Path) -> str:
+    rel = f"{stage_prefix(run, init)}/hf"
+    if store.is_local:
+        return str(store.local_path(rel))
+    local = tmp / "init"
+    if world.local_rank == 0:
+        store.get_dir(rel, local)
+    if world.distributed:
+        torch.distributed.barrier()
+    return str(local)
+
+
+def export_hf(model: TrainingLM, tokenizer, out: Path, world: World) -> None:
+    """Full (unsharded) weights as HF safetensors + config (with this stage's θ) + tokenizer."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.is_main:
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        model.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
+    world = init_world()
+    cfg = recipe.train_stage(stage)
+    torch.manual_seed(cfg.seed if cfg.seed is not None else recipe.seed)
+    rec = StageRecorder(store, run, recipe, stage)
+    if world.is_main:
+        rec.invalidate()
+    accumulation = accumulation_steps(cfg, stage, world.world_size)
+    init = recipe.init_source(stage)
+    with tempfile.TemporaryDirectory(prefix=f"prolong-{stage}-") as tmp_:
+        tmp = Path(tmp_)
+        model_ref = recipe.model.path if init == "model" else _upstream_model_dir(store, run, init, world, tmp)
+        lm = load_model(model_ref, rope_theta=cfg.rope_theta, dtype=recipe.model.dtype,
+                        revision=recipe.model.revision if init == "model" else None, device=world.device)
+        attention.select_backend(recipe.model.attention, world.device)
+        model = parallelize(TrainingLM(lm, cfg.loss_chunk_size), world,
+                            activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                            param_dtype=DTYPES[recipe.model.dtype])
+        optimizer = build_optimizer(model, cfg)
+        ckpt = Checkpointer(store, rec.prefix, world)
+        state, loader_state, scheduler_state = TrainerState(), None, None
+        latest = ckpt.latest()
+        if latest is not None and ckpt.trainer_state(latest).get("input_key") != rec.input_key:
+            log.info("%s: checkpoints were made for other inputs (config or upstream changed); starting over", stage)
+            ckpt.clear()
+            latest = None
+        if latest is not None:
+            saved = ckpt.load(latest, model, optimizer)
+            state = TrainerState(step=saved["step"], samples_seen=saved["samples_seen"], tokens_seen=saved["tokens_seen"])
+            loader_state, scheduler_state = saved.get("loader"), saved.get("scheduler")
+            log.info("resuming %s at step %d", stage, state.step)
+        elif cfg.keep_optimizer_state:
+            upstream_ckpt = f"{stage_prefix(run, init)}/checkpoints"
+            steps = ckpt.complete_steps(upstream_ckpt)
+            if not steps:
+                raise StageError(f"{stage}.keep_optimizer_state: {init} left no complete checkpoint to take Adam moments from")
+            ckpt.load(steps[-1], model, optimizer, prefix=upstream_ckpt, model_too=False, restore_rng=False)
+            _reset_hyperparameters(optimizer, cfg)
+        scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+        if scheduler_state:
+            scheduler.load_state_dict(scheduler_state)
+
+        keys = []
+        for comp in cfg.components():
+            long = recipe.data.domains[comp.domain].kind == "long"
+            keys.append((StreamKey(cfg.seq_len, comp.domain, (comp.doc_len or cfg.seq_len) if long else None), comp.proportion))
+        dataset = mixture_dataset(store, run, keys, cache_dir=tmp / "streams", seed=cfg.seed or recipe.seed,
+                                  batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size)
+        if loader_state:
+            dataset.load_state_dict(loader_state)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, num_workers=0,
+                                             collate_fn=functools.partial(collate, seq_len=cfg.seq_len))
+
+        def save(trainer: Trainer) -> None:
+            loader_pos = dataset.state_dict(num_samples=trainer.state.samples_seen, from_beginning=True) \
+                if world.is_main else None
+            ckpt.save(trainer.state.step, model, optimizer,
+                      {**trainer.state_dict(), "loader": loader_pos, "input_key": rec.input_key})
+
+        callbacks = [ConsoleLogger(), MetricsFile(store, rec.rel("metrics.jsonl"), tmp / "metrics.jsonl"),
+                     ProgressFile(store, rec.rel("progress.json"), stage), Checkpointing(cfg.checkpoint_every)]
+        trainer = Trainer(model, optimizer, scheduler, iter(loader), cfg, world, accumulation=accumulation,
+                          callbacks=callbacks, state=state, save_checkpoint=save)
+        trainer.fit()
+
+        hf_dir = tmp / "hf"
+        export_hf(model, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), hf_dir, world)
+        if world.is_main:
+            rec.put_dir(hf_dir, "hf")
+            final = f"checkpoints/{step_dir(trainer.state.step)}"
+            rec.record_existing(final)
+            rec.record_existing("metrics.jsonl")
+            lines = store.read_text(rec.rel("metrics.jsonl")).splitlines() if store.exists(rec.rel("metrics.jsonl")) else []
+            losses = [json.loads(x)["loss"] for x in lines if x.strip()]
+            rec.finish(
+                metrics={"steps": trainer.state.step, "tokens": trainer.state.tokens_seen,
+                         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                         "loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+                         "rope_theta": cfg.rope_theta, "world_size": world.world_size,
+                         "accumulation": accumulation, "attention": attention.current_backend(),
+                         "resumed_from_step": latest},
+                artifacts={"hf_model": "hf", "checkpoint": final, "metrics": "metrics.jsonl"})
+        ckpt.close()

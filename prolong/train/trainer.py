@@ -1,0 +1,122 @@
+"""A small training loop; everything optional is a callback.
+
+One optimizer step = ``accumulation`` micro-batches per rank. Before the first backward of a step
+the loop knows every micro-batch of the step, which gives it two things the paper needs (§A.3):
+
+* the exact token-averaged loss: the global number of target tokens (all ranks, all micro-batches)
+  is summed first, and each micro-batch contributes Σ its token losses / that count;
+* minibatch reordering: micro-batches run in order of their attention cost (Σ document length²),
+  so ranks stepping through accumulation in lockstep process similar costs at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from prolong.config import TrainStageConfig
+from prolong.errors import StageError
+from prolong.parallel import World, all_reduce_sum
+from prolong.train.batch import MicroBatch
+from prolong.train.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # global sequences consumed
+    tokens_seen: int = 0  # global tokens consumed
+
+
+class Trainer:
+    def __init__(self, model, optimizer, scheduler, batches: Iterator[MicroBatch], cfg: TrainStageConfig, world: World,
+                 *, accumulation: int, callbacks: list[Callback], state: TrainerState | None = None,
+                 save_checkpoint: Callable[["Trainer"], None] | None = None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.batches, self.cfg, self.world = batches, cfg, world
+        self.accumulation = accumulation
+        self.callbacks = callbacks
+        self.state = state or TrainerState()
+        self.start_step = self.state.step
+        self.total_steps = cfg.steps
+        self.last_checkpoint_step = self.state.step if self.state.step else None
+        self._save = save_checkpoint
+        self.history: list[dict] = []
+
+    def save_checkpoint(self) -> None:
+        if self._save is not None:
+            self._save(self)
+            self.last_checkpoint_step = self.state.step
+
+    def _set_gradient_sync(self, enabled: bool) -> None:
+        # FSDP2: reduce-scatter gradients only after the last micro-batch of the step
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(enabled)
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict:
+        t0 = time.perf_counter()
+        if self.cfg.reorder_minibatches:
+            micro_batches = sorted(micro_batches, key=lambda mb: mb.attention_cost, reverse=True)
+        local_targets = sum(mb.n_targets for mb in micro_batches)
+        global_targets = all_reduce_sum(local_targets, self.world)
+        if global_targets == 0:
+            raise RuntimeError(f"step {self.state.step + 1}: no token of the batch has a target (all masked)")
+        # FSDP averages gradients over ranks; scale so the result is Σ losses / global token count
+        scale = self.world.world_size / global_targets
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        for i, mb in enumerate(micro_batches):
+            self._set_gradient_sync(i == len(micro_batches) - 1)
+            mb = mb.to(self.world.device)
+            loss = self.model(mb.input_ids, mb.targets, mb.layout(self.world.device))
+            (loss * scale).backward()
+            loss_sum += loss.detach().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        loss_total = all_reduce_sum(loss_sum.item(), self.world)
+        if not math.isfinite(loss_total) or not math.isfinite(float(grad_norm)):
+            raise StageError(f"step {self.state.step + 1}: loss or gradient is not finite "
+                             f"(loss {loss_total / global_targets}, grad norm {float(grad_norm)})")
+        tokens = all_reduce_sum(sum(mb.n_tokens for mb in micro_batches), self.world)
+        samples = all_reduce_sum(sum(mb.input_ids.shape[0] for mb in micro_batches), self.world)
+        self.state.step += 1
+        self.state.samples_seen += int(samples)
+        self.state.tokens_seen += int(tokens)
+        elapsed = time.perf_counter() - t0
+        return {"step": self.state.step, "loss": loss_total / global_targets, "lr": lr, "grad_norm": float(grad_norm),
+                "target_tokens": int(global_targets), "tokens": int(tokens), "tokens_seen": self.state.tokens_seen,
+                "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
+
+    def _next_step_batches(self) -> list[MicroBatch]:
+        try:
+            return [next(self.batches) for _ in range(self.accumulation)]
+        except StopIteration:
+            raise RuntimeError(f"the data loader ran out at step {self.state.step + 1} of {self.total_steps}") from None
+
+    def fit(self) -> list[dict]:
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        while self.state.step < self.total_steps:
+            metrics = self.train_step(self._next_step_batches())
+            self.history.append(metrics)
+            for cb in self.callbacks:
+                cb.on_step_end(self, metrics)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.history
+
+    def state_dict(self) -> dict:
+        return {**asdict(self.state), "scheduler": self.scheduler.state_dict()}
