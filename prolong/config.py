@@ -86,28 +86,34 @@ class RepoSource(_Config):
     exclude: list[str] = []  # globs of repository names to skip
 
 
-class FileSource(_Config):
+class _RowSource(_Config):
+    text_field: str = "text"
+    messages_field: str = "messages"  # chats; in long/short domains they are rendered as plain text
+    # keep rows whose (dotted) fields equal these values, e.g. {meta.redpajama_set_name: RedPajamaBook}
+    where: dict[str, Any] = {}
+    # one document per distinct value of this field (e.g. a repository name), parts in seeded random order
+    group_by: str | None = None
+
+
+class FileSource(_RowSource):
     """Local or remote files (jsonl, json, txt, parquet); a path may be a file, folder or glob."""
 
     type: Literal["files"]
     path: str
     format: Literal["auto", "jsonl", "txt", "parquet"] = "auto"
-    text_field: str = "text"
-    messages_field: str = "messages"
 
 
-class HFSource(_Config):
+class HFSource(_RowSource):
     """A Hugging Face dataset by name (``datasets.load_dataset``), streamed by default."""
 
     type: Literal["hf"]
     name: str
     subset: str | None = None
     split: str = "train"
+    data_dir: str | None = None
     data_files: str | list[str] | None = None
     revision: str | None = None
     streaming: bool = True
-    text_field: str = "text"
-    messages_field: str = "messages"
 
 
 Source = Annotated[Union[RepoSource, FileSource, HFSource], Field(discriminator="type")]

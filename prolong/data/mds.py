@@ -70,11 +70,11 @@ def write_stream(samples: Iterable, out_dir: Path, *, sft: bool, compression: st
     return {"samples": n, "tokens": tokens, "documents": docs}
 
 
-def read_stream(path: str | Path) -> list[dict]:
-    """All samples of one local stream folder (tests and reports; training uses `mixture_dataset`)."""
-    LocalDataset = import_streaming().LocalDataset
-    ds = LocalDataset(local=str(path))
-    return [ds[i] for i in range(len(ds))]
+def read_stream(uri: str | Path, cache_dir: str | Path) -> list[dict]:
+    """All samples of one stream, in order (tests and reports; training uses `mixture_dataset`)."""
+    streaming = import_streaming()
+    ds = streaming.StreamingDataset(remote=str(uri), local=str(cache_dir), shuffle=False, batch_size=1)
+    return [ds[i] for i in range(ds.num_samples)]
 
 
 def mixture_dataset(store, run: str, keys_and_proportions: list[tuple[StreamKey, float]], *, cache_dir: Path,
@@ -86,14 +86,10 @@ def mixture_dataset(store, run: str, keys_and_proportions: list[tuple[StreamKey,
     sequence-parallel group) read the same samples.
     """
     streaming = import_streaming()
-    streams = []
-    for key, proportion in keys_and_proportions:
-        rel = stream_rel(run, key)
-        if store.is_local:
-            streams.append(streaming.Stream(local=str(store.local_path(rel)), proportion=proportion))
-        else:
-            streams.append(streaming.Stream(remote=store.uri(rel), local=str(cache_dir / key.name),
-                                            proportion=proportion))
+    # The store is always the `remote` (a local store too): streaming decompresses shards into its
+    # `local` cache, and the store's files must stay exactly as the data manifest hashed them.
+    streams = [streaming.Stream(remote=store.uri(stream_rel(run, key)), local=str(cache_dir / key.name),
+                                proportion=proportion) for key, proportion in keys_and_proportions]
     return streaming.StreamingDataset(streams=streams, epoch_size=epoch_size, batch_size=batch_size, shuffle=True,
                                       shuffle_seed=seed, replication=replication, allow_unsafe_types=False)
 

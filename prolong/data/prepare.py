@@ -61,8 +61,10 @@ def _tokenized(docs: list[Document], tok: DocumentTokenizer, sft: bool) -> Itera
         batch = docs[i:i + BATCH]
         if sft:
             yield from (tok.encode_chat(d) for d in batch)
-        else:
-            yield from tok.encode_texts([d.text for d in batch])
+            continue
+        texts = iter(tok.encode_texts([d.text for d in batch if d.messages is None]))
+        for d in batch:  # chats in a text domain are rendered with the chat template, trained on in full
+            yield TokenizedDoc(ids=tok.encode_chat(d).ids) if d.messages is not None else next(texts)
 
 
 def _long_streams(name: str, keys: list[StreamKey], plan, docs, tok, seed: int) -> dict[StreamKey, list]:
@@ -125,6 +127,7 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
         by_domain[key.domain].append(key)
     streams, domains = {}, {}
     with tempfile.TemporaryDirectory(prefix="prolong-data-", dir=workdir) as tmp:
+        # Every stream is written locally first; nothing reaches the store unless all domains succeed.
         for name, keys in by_domain.items():
             kind = recipe.data.domains[name].kind
             log.info("domain %s (%s): reading", name, kind)
@@ -135,15 +138,15 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
                 samples = _concatenated_streams(name, keys, plan, docs, tok, sft=kind == "sft")
             domains[name] = {"kind": kind, "source_documents": len(docs)}
             for key, rows in samples.items():
-                out = Path(tmp) / key.name
-                counts = write_stream(rows, out, sft=kind == "sft", compression=recipe.data.compression)
+                counts = write_stream(rows, Path(tmp) / key.name, sft=kind == "sft", compression=recipe.data.compression)
                 if counts["samples"] < plan[key]["samples"]:
                     log.warning("stream %s: %d samples, %d wanted; training will repeat them", key.name,
                                 counts["samples"], plan[key]["samples"])
-                rec.put_dir(out, f"streams/{key.name}", move=True)
                 streams[key.name] = {"seq_len": key.seq_len, "domain": name, "doc_len": key.doc_len,
                                      "wanted": plan[key]["samples"], "stages": plan[key]["stages"], **counts}
                 log.info("stream %s: %d samples, %d tokens", key.name, counts["samples"], counts["tokens"])
+        for name in streams:
+            rec.put_dir(Path(tmp) / name, f"streams/{name}", move=True)
     totals = {"samples": sum(s["samples"] for s in streams.values()), "tokens": sum(s["tokens"] for s in streams.values())}
     return rec.finish(metrics={"streams": streams, "domains": domains, **totals},
                       artifacts={"streams": {k: f"streams/{k}" for k in streams}})

@@ -5,6 +5,9 @@ deterministic order; a document is either text or a chat (``messages``).
   concatenated in a seeded random order (paper Table 9: "code repos"; not dependency order);
 * ``files``: jsonl / txt / parquet files, local or remote (fsspec), a file, folder or glob;
 * ``hf``: a Hugging Face dataset by name (``datasets.load_dataset``), streamed by default.
+
+Row sources (files, hf) can keep rows by field values (``where``: SlimPajama's book subset) and
+concatenate rows into one document per key (``group_by``: The Stack's files per repository).
 """
 
 from __future__ import annotations
@@ -101,7 +104,19 @@ def _file_format(path: str, fmt: str) -> str:
     raise DataError(f"{path}: cannot tell the format from the name; set source.format (jsonl, txt, parquet)")
 
 
+def _field(row: dict, dotted: str):
+    value = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def _row_document(row: dict, src: FileSource | HFSource, kind: str, doc_id: str, where: str) -> Document:
+    text = row.get(src.text_field)
+    if kind != "sft" and not isinstance(text, str) and src.messages_field in row:
+        kind = "sft"  # chat rows in a text domain (Tulu-v2 in ShortMix): rendered, trained on in full
     if kind == "sft":
         messages = row.get(src.messages_field)
         if messages is None and "instruction" in row and "output" in row:  # LongAlpaca-style rows
@@ -109,13 +124,12 @@ def _row_document(row: dict, src: FileSource | HFSource, kind: str, doc_id: str,
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise DataError(f"{doc_id}: field {src.messages_field!r} must be a list of {{role, content}} ({where})")
         return Document(id=doc_id, messages=tuple(messages))
-    text = row.get(src.text_field)
     if not isinstance(text, str):
         raise DataError(f"{doc_id}: no text field {src.text_field!r} ({where}.text_field)")
     return Document(id=doc_id, text=text)
 
 
-def _file_documents(src: FileSource, kind: str, where: str) -> Iterator[Document]:
+def _file_rows(src: FileSource, where: str) -> Iterator[tuple[str, dict]]:
     import fsspec
 
     from prolong.store import storage_options
@@ -128,7 +142,7 @@ def _file_documents(src: FileSource, kind: str, where: str) -> Iterator[Document
                 with fsspec.open(path, "rb", compression="infer", **opts) as f:
                     raw = f.read()
                 try:
-                    yield Document(id=path, text=raw.decode("utf-8"))
+                    yield path, {src.text_field: raw.decode("utf-8"), "path": path}
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}: invalid UTF-8 at byte {e.start} ({where})") from None
             elif fmt == "jsonl":
@@ -142,14 +156,16 @@ def _file_documents(src: FileSource, kind: str, where: str) -> Iterator[Document
                             raise DataError(f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line ({where})") from None
                         except json.JSONDecodeError as e:
                             raise DataError(f"{path}:{n}: not valid JSON ({e.msg}) ({where})") from None
-                        yield _row_document(row, src, kind, f"{path}:{n}", where)
+                        if not isinstance(row, dict):
+                            raise DataError(f"{path}:{n}: a row must be a JSON object ({where})")
+                        yield f"{path}:{n}", row
             else:
                 import pyarrow.parquet as pq
 
                 with fsspec.open(path, "rb", **opts) as f:
                     table = pq.read_table(f)
                 for n, row in enumerate(table.to_pylist()):
-                    yield _row_document(row, src, kind, f"{path}#{n}", where)
+                    yield f"{path}#{n}", row
         except FileNotFoundError:
             raise DataError(f"{path}: file not found ({where}.path)") from None
         except PermissionError:
@@ -159,18 +175,40 @@ def _file_documents(src: FileSource, kind: str, where: str) -> Iterator[Document
 # ---------------------------------------------------------------- Hugging Face datasets
 
 
-def _hf_documents(src: HFSource, kind: str, where: str) -> Iterator[Document]:
+def _hf_rows(src: HFSource, where: str) -> Iterator[tuple[str, dict]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(src.name, src.subset, split=src.split, data_files=src.data_files,
-                                   revision=src.revision, streaming=src.streaming)
+        ds = datasets.load_dataset(src.name, src.subset, split=src.split, data_dir=src.data_dir,
+                                   data_files=src.data_files, revision=src.revision, streaming=src.streaming)
     except FileNotFoundError as e:
         raise DataError(f"{where}.name: dataset {src.name!r} not found ({e})") from None
     except Exception as e:  # datasets raises many types for unreachable hubs and bad configs
         raise DataError(f"{where}: cannot load dataset {src.name!r} ({type(e).__name__}: {e})") from None
     for n, row in enumerate(ds):
-        yield _row_document(row, src, kind, f"{src.name}#{n}", where)
+        yield f"{src.name}#{n}", row
+
+
+def _rows(rows: Iterator[tuple[str, dict]], src: FileSource | HFSource, kind: str, where: str,
+          seed: int) -> Iterator[Document]:
+    """Apply `where` filters and `group_by` concatenation to (id, row) pairs."""
+    rows = ((i, r) for i, r in rows if all(_field(r, k) == v for k, v in src.where.items()))
+    if src.group_by is None:
+        for doc_id, row in rows:
+            yield _row_document(row, src, kind, doc_id, where)
+        return
+    # Grouping needs every row of a group: held in memory, keyed by the group value.
+    groups: dict[str, list[str]] = {}
+    for doc_id, row in rows:
+        key = _field(row, src.group_by)
+        if key is None:
+            raise DataError(f"{doc_id}: no field {src.group_by!r} to group by ({where}.group_by)")
+        doc = _row_document(row, src, "long", doc_id, where)
+        groups.setdefault(str(key), []).append(doc.text)
+    for key in sorted(groups):
+        parts = groups[key]
+        _seeded(seed, key).shuffle(parts)  # seeded random order, not dependency order
+        yield Document(id=key, text="\n\n".join(parts))
 
 
 def iter_documents(name: str, domain: DomainConfig, seed: int) -> Iterator[Document]:
@@ -182,9 +220,9 @@ def iter_documents(name: str, domain: DomainConfig, seed: int) -> Iterator[Docum
             raise DataError(f"{where}.type: a repos source cannot feed an sft domain")
         docs = _repo_documents(src, where, seed)
     elif isinstance(src, FileSource):
-        docs = _file_documents(src, domain.kind, where)
+        docs = _rows(_file_rows(src, where), src, domain.kind, where, seed)
     else:
-        docs = _hf_documents(src, domain.kind, where)
+        docs = _rows(_hf_rows(src, where), src, domain.kind, where, seed)
     for i, doc in enumerate(docs):
         if domain.max_documents is not None and i >= domain.max_documents:
             return

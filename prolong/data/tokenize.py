@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 # Used when a tokenizer has no chat template (base models): plain role headers, documented in README.
 FALLBACK_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}{{ eos_token if message['role'] == 'assistant' else '' }}\n"
-    "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% if not loop.first %}\n{% endif %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}{{ eos_token if message['role'] == 'assistant' else '' }}"
+    "{% endfor %}{% if add_generation_prompt %}\nAssistant: {% endif %}"
 )
 
 
@@ -65,30 +65,37 @@ class DocumentTokenizer:
         head = [self.bos] if self.bos is not None else []
         return [TokenizedDoc(ids=np.asarray(head + ids + [self.eos], dtype=np.uint32)) for ids in encoded]
 
-    def _render(self, messages, add_generation_prompt: bool = False) -> list[int]:
-        out = self.tok.apply_chat_template(list(messages), chat_template=self.chat_template, tokenize=True,
-                                           add_generation_prompt=add_generation_prompt, return_dict=True)
-        return list(out["input_ids"])
+    def _render(self, messages, add_generation_prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(list(messages), chat_template=self.chat_template, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, doc: Document) -> TokenizedDoc:
-        """Render a conversation; mask = the tokens each assistant turn adds to the rendering.
+        """Render a conversation; the mask covers the tokens of each assistant turn.
 
-        Works for any template that renders conversation prefixes as token prefixes (all common
-        ones do), without needing `{% generation %}` markers in the template.
+        Assistant turns are located as character spans (the rendering of the conversation up to the
+        turn, minus the rendering up to its generation prompt) and mapped to tokens by offsets, so
+        any template works that renders conversation prefixes as text prefixes (all common ones
+        do) — no `{% generation %}` markers needed. A token straddling a span edge is trained on.
         """
         messages = list(doc.messages)
-        full = self._render(messages)
-        mask = np.zeros(len(full), dtype=np.uint8)
+        text = self._render(messages)
+        spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = len(self._render(messages[:i], add_generation_prompt=True)) if i else 0
-            upto = self._render(messages[:i + 1])
-            if full[:len(upto)] != upto:
-                raise DataError(f"{doc.id}: the chat template does not render conversation prefixes as token "
-                                f"prefixes, so assistant tokens cannot be located (tokenizer {self.ref})")
-            mask[start:len(upto)] = 1
-        if not full or full[-1] != self.eos:
-            full.append(self.eos)
-            mask = np.append(mask, np.uint8(0))
-        return TokenizedDoc(ids=np.asarray(full, dtype=np.uint32), mask=mask)
+            try:
+                start = len(self._render(messages[:i], add_generation_prompt=True))
+            except Exception:  # some templates refuse an empty conversation
+                start = 0
+            end = len(self._render(messages[:i + 1]))
+            if not text.startswith(self._render(messages[:i + 1])) or start > end:
+                raise DataError(f"{doc.id}: the chat template does not render conversation prefixes as text "
+                                f"prefixes, so assistant turns cannot be located (tokenizer {self.ref})")
+            spans.append((start, end))
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+        if not ids or ids[-1] != self.eos:
+            ids.append(self.eos)
+            mask.append(0)
+        return TokenizedDoc(ids=np.asarray(ids, dtype=np.uint32), mask=np.asarray(mask, dtype=np.uint8))

@@ -23,6 +23,9 @@ class Callback:
     def on_step_end(self, trainer, metrics: dict) -> None:
         pass
 
+    def on_checkpoint(self, trainer) -> None:
+        """After a checkpoint is complete: state that must agree with it is saved here."""
+
     def on_train_end(self, trainer) -> None:
         pass
 
@@ -38,7 +41,8 @@ class ConsoleLogger(Callback):
 
 
 class MetricsFile(Callback):
-    """Every step's metrics as JSON lines, uploaded to ``{stage}/metrics.jsonl`` periodically and at the end."""
+    """Every step's metrics as JSON lines in ``{stage}/metrics.jsonl``, uploaded periodically, with every
+    checkpoint (so a resumed run keeps the lines of the steps it does not redo) and at the end."""
 
     def __init__(self, store, rel: str, local: Path, upload_every: int = 10):
         self.store, self.rel, self.local, self.upload_every = store, rel, local, upload_every
@@ -55,6 +59,10 @@ class MetricsFile(Callback):
         with open(self.local, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if metrics["step"] % self.upload_every == 0:
+            self.upload()
+
+    def on_checkpoint(self, trainer):
+        if trainer.world.is_main:
             self.upload()
 
     def upload(self):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from prolong.errors import StageError
@@ -128,7 +129,7 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd} if model_too else {"optim": optim_sd}
         try:
             dcp.load(state, checkpoint_id=str(local / "dcp"))
-        except Exception as e:  # DCP raises CheckpointException with per-rank tracebacks
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException with rank tracebacks
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise StageError(f"{self.store.uri(rel)}: checkpoint does not match this model/optimizer ({first})") from None
         set_state_dict(model, optimizer, model_state_dict=state.get("model", model_sd) if model_too else {},

@@ -54,6 +54,8 @@ class Trainer:
         if self._save is not None:
             self._save(self)
             self.last_checkpoint_step = self.state.step
+            for cb in self.callbacks:
+                cb.on_checkpoint(self)
 
     def _set_gradient_sync(self, enabled: bool) -> None:
         # FSDP2: reduce-scatter gradients only after the last micro-batch of the step

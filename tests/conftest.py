@@ -1,0 +1,165 @@
+"""Shared fixtures: real services on 127.0.0.1 (S3 API server, Prefect server), built-in assets,
+and a private temp dir per test (mosaicml-streaming keeps locks there)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# The tiny recipe cut down to seconds per stage for tests (same stages, rules and hand-offs).
+FAST = [
+    "stage1.steps=6", "stage1.checkpoint_every=3", "stage1.batch_tokens=2K",
+    "stage2.steps=4", "stage2.checkpoint_every=2",
+    "sft.steps=4", "sft.checkpoint_every=2", "sft.batch_tokens=2K",
+    "eval.json_kv.depths=[0.0,1.0]", "eval.json_kv.max_new_tokens=16", "eval.lm_eval.limit=8",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prolong_home(tmp_path_factory):
+    """Built-in assets (tiny corpus, tokenizer, model) are built once per test session."""
+    home = os.environ.get("PROLONG_TEST_HOME") or str(tmp_path_factory.mktemp("prolong-home"))
+    os.environ["PROLONG_HOME"] = home
+    os.environ["PROLONG_LOG_DIR"] = str(tmp_path_factory.mktemp("job-logs"))
+    return Path(home)
+
+
+@pytest.fixture(autouse=True)
+def private_tmpdir(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(prolong_home) -> str:
+    from prolong import assets
+
+    return assets.resolve("builtin:tiny-llama")
+
+
+# ---------------------------------------------------------------- S3 API server (moto)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(endpoint, 30, proc)
+        yield endpoint
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def s3_store(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the S3 API server; the environment points s3fs/boto3/streaming at it."""
+    import boto3
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    import fsspec
+
+    fsspec.config.conf.clear()
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()
+    return f"s3://{bucket}/runs"
+
+
+# ---------------------------------------------------------------- Prefect server
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` (SQLite) on a free port, with its own PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": ""}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 120, proc)
+        yield {"url": url, "home": str(home)}
+    finally:
+        stop(proc)
+
+
+def prolong_cli(*args: str, env: dict | None = None, timeout: float = 900, check: bool = False,
+                cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run the installed `prolong` console script as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([str(BIN / "prolong"), *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"prolong {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def prefect_env(prefect_server, tmp_path) -> dict:
+    return {"PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(tmp_path / "prefect-client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def copy_recipe(tmp_path: Path, name: str = "tiny.yaml") -> Path:
+    dst = tmp_path / name
+    shutil.copy(ROOT / "recipes" / name, dst)
+    return dst

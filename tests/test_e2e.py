@@ -1,0 +1,147 @@
+"""End to end: the `prolong` CLI runs the prolong-recipe flow on a real Prefect server, jobs run
+under real torchrun, artifacts land in a real store (local folder or S3 API server)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from prolong.manifest import read_manifest
+from prolong.stages import STAGES
+from prolong.store import Store
+from tests.conftest import BIN, FAST, ROOT, prolong_cli
+
+pytestmark = pytest.mark.slow
+
+
+def sets(overrides):
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def api(url: str, path: str, body: dict) -> list | dict:
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def flow_runs(prefect_env, name: str) -> list[dict]:
+    runs = api(prefect_env["PREFECT_API_URL"], "/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
+    return sorted(runs, key=lambda r: r["created"])
+
+
+def manifests(store: Store, run: str) -> dict:
+    return {s: m.digest for s in STAGES if (m := read_manifest(store, run, s)) is not None}
+
+
+def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path):
+    store = Store(str(tmp_path / "runs"))
+    args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "e2e", *sets(FAST)]
+    first = prolong_cli(*args, env=prefect_env, check=True)
+    done = manifests(store, "e2e")
+    assert set(done) == set(STAGES), first.stdout[-3000:]
+
+    # every training stage learned, with its own θ, and hands its weights to the next one
+    for stage, theta in (("stage1", 8e6), ("stage2", 1.28e8), ("sft", 1.28e8)):
+        m = read_manifest(store, "e2e", stage).metrics
+        assert m["loss_last"] < m["loss_first"], (stage, m)
+        assert m["rope_theta"] == theta
+        config = json.loads((store.local_path(f"e2e/{stage}/hf/config.json")).read_text())
+        assert config["rope_parameters"]["rope_theta"] == theta
+    assert read_manifest(store, "e2e", "stage2").upstream["stage1"] == done["stage1"]
+    assert read_manifest(store, "e2e", "sft").upstream["stage2"] == done["stage2"]
+    results = store.read_json("e2e/eval/results.json")
+    assert set(results["json_kv"]["by_length"]) == {"512", "1024"}
+    assert 0.0 <= results["lm_eval"]["pymodule_mc"]["acc"] <= 1.0
+
+    # the orchestrator saw it: a completed flow run with one task run per stage, and artifacts
+    runs = flow_runs(prefect_env, "e2e")
+    assert runs and runs[-1]["state_type"] == "COMPLETED"
+    tasks = api(prefect_env["PREFECT_API_URL"], "/task_runs/filter",
+                {"flow_runs": {"id": {"any_": [runs[-1]["id"]]}}})
+    assert sorted(t["name"] for t in tasks) == sorted(STAGES)
+    keys = {a["key"] for a in api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {})}
+    assert {"e2e-eval", "e2e-summary", "e2e-stage1-progress"} <= keys
+    table = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["e2e-eval"]}}})
+    assert "JSON KV" in table[0]["data"] and "pymodule_mc" in table[0]["data"]
+
+    # a second run of the same run name skips every stage: nothing is rewritten
+    again = prolong_cli(*args, env=prefect_env, check=True)
+    assert manifests(store, "e2e") == done
+    assert again.stdout.count("skipped") + again.stderr.count("skipped") >= len(STAGES)
+
+    # --from-stage re-runs that stage and every later one, and nothing before it
+    forced = prolong_cli(*args, "--from-stage", "sft", env=prefect_env, check=True)
+    after = manifests(store, "e2e")
+    assert {s for s in STAGES if after[s] != done[s]} == {"sft", "eval"}, forced.stderr[-2000:]
+
+
+def _job_pid(stage: str, store_url: str) -> int | None:
+    out = subprocess.run(["pgrep", "-f", f"torch.distributed.run .*prolong.jobs.entry {stage} {store_url}"],
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def test_a_run_that_dies_in_stage2_continues_at_stage2_from_its_checkpoint(prefect_env, tmp_path):
+    store = Store(str(tmp_path / "runs"))
+    args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "crash", "--stages", "data,stage1,stage2",
+            *sets(FAST), "--set", "stage2.steps=8", "--set", "stage2.checkpoint_every=2"]
+    proc = subprocess.Popen([str(BIN / "prolong"), *args], cwd=ROOT, env={**os.environ, **prefect_env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    marker = store.local_path("crash/stage2/checkpoints/step_00000002/COMPLETE")
+    deadline = time.monotonic() + 600
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "stage 2 never checkpointed"
+    pid = _job_pid("stage2", store.url)
+    assert pid is not None
+    os.killpg(os.getpgid(pid), signal.SIGKILL)  # the node died: no chance to clean up
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, (out[-2000:], err[-2000:])
+    assert "error: stage2: job local-" in err and "\n" not in err.strip().splitlines()[-1]
+    before = manifests(store, "crash")
+    assert set(before) == {"data", "stage1"}
+    assert flow_runs(prefect_env, "crash")[-1]["state_type"] == "FAILED"
+
+    prolong_cli(*args, env=prefect_env, check=True)
+    after = manifests(store, "crash")
+    assert after["data"] == before["data"] and after["stage1"] == before["stage1"]  # not re-run
+    m = read_manifest(store, "crash", "stage2").metrics
+    assert m["resumed_from_step"] >= 2 and m["steps"] == 8
+    lines = [json.loads(x) for x in store.read_text("crash/stage2/metrics.jsonl").splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9))  # one line per step across both attempts
+    assert flow_runs(prefect_env, "crash")[-1]["state_type"] == "COMPLETED"
+
+
+def test_recipe_runs_against_an_s3_store(prefect_env, s3_store):
+    """Data to MDS shards in S3, training streams them back and writes weights to S3."""
+    args = ["run", "recipes/tiny.yaml", "--store", s3_store, "--run-name", "s3run", "--stages", "data,stage1",
+            *sets(FAST)]
+    prolong_cli(*args, env=prefect_env, check=True)
+    store = Store(s3_store)
+    assert set(manifests(store, "s3run")) == {"data", "stage1"}
+    m = read_manifest(store, "s3run", "stage1")
+    assert m.metrics["loss_last"] < m.metrics["loss_first"]
+    assert store.exists("s3run/stage1/hf/model.safetensors")
+    assert any(o["path"].startswith("checkpoints/") for o in m.outputs)
+    shards = [o for o in read_manifest(store, "s3run", "data").outputs if o["path"].endswith(".mds.zstd")]
+    assert shards and all(store.exists(f"s3run/data/{o['path']}") for o in shards)
+
+
+def test_bad_input_fails_in_one_line_and_writes_nothing(prefect_env, tmp_path):
+    store = tmp_path / "runs"
+    bad = prolong_cli("run", "recipes/tiny.yaml", "--store", str(store), "--set", "stage1.lr=0", env=prefect_env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: stage1.lr: Input should be greater than 0"
+    assert not store.exists()
+    missing = tmp_path / "nothing.jsonl"
+    bad = prolong_cli("run", "recipes/tiny.yaml", "--store", str(store), "--run-name", "bad", "--stages", "data",
+                      "--set", f"data.domains.shortmix.source.path={missing}", env=prefect_env)
+    assert bad.returncode == 5
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data: job local-") and f"{missing} does not exist" in last
+    assert not (store / "bad" / "data" / "manifest.json").exists()
+    assert not list((store / "bad" / "data").glob("streams/*"))

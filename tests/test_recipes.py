@@ -1,0 +1,84 @@
+"""The shipped recipes: tiny validates; prolong-8b encodes Table 9 and the ProLong scripts exactly."""
+
+import pytest
+
+from prolong.config import load_recipe
+from tests.conftest import ROOT
+
+SHORTMIX = {"fineweb_edu": 0.10, "fineweb": 0.10, "stackexchange": 0.04, "wikipedia": 0.04, "tulu_v2": 0.03,
+            "arxiv": 0.03, "openwebmath": 0.03}
+
+
+@pytest.fixture(scope="module")
+def r8b():
+    return load_recipe(ROOT / "recipes" / "prolong-8b.yaml")
+
+
+def test_tiny_recipe_validates():
+    r = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    assert r.stage1.rope_theta == 8e6 and r.stage2.rope_theta == 1.28e8
+    assert r.stage2.keep_optimizer_state
+
+
+def test_model_initialisation(r8b):
+    assert r8b.model.path == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert r8b.model.dtype == "bfloat16"
+
+
+def test_stage1_64k(r8b):
+    s = r8b.stage1
+    assert s.seq_len == 65536 and s.rope_theta == 8e6
+    assert s.steps == 5000 and s.batch_tokens == 4 * 1024 ** 2 and s.global_batch_size == 64
+    assert s.steps * s.batch_tokens == pytest.approx(20e9, rel=0.05)  # "20B tokens"
+    assert (s.lr, s.warmup_ratio, s.min_lr_ratio) == (1e-5, 0.1, 0.1)  # cosine to 1e-6
+    assert s.mixture == {"code_repos@64K": 0.30, "books@64K": 0.30, "textbooks@64K": 0.03, **SHORTMIX}
+    assert r8b.init_source("stage1") == "model"
+
+
+def test_stage2_512k(r8b):
+    s = r8b.stage2
+    assert s.seq_len == 524288 and s.rope_theta == 1.28e8
+    assert s.steps == 2500 and s.batch_tokens == 8 * 1024 ** 2 and s.global_batch_size == 16
+    assert s.steps * s.batch_tokens == pytest.approx(20e9, rel=0.05)
+    assert (s.lr, s.warmup_ratio, s.min_lr_ratio) == (5e-6, 0.1, 0.1)  # scripts' LR (paper: 1e-5)
+    assert s.sequence_parallel == 8
+    assert s.keep_optimizer_state and r8b.init_source("stage2") == "stage1"
+    assert s.mixture == {"code_repos@512K": 0.15, "code_repos@64K": 0.15, "books@512K": 0.05, "books@64K": 0.25,
+                         "textbooks@512K": 0.03, **SHORTMIX}
+    # Table 9: code 50%/50% at 512K/64K, books 17%/83%, textbooks at 512K
+    assert s.mixture["code_repos@512K"] / 0.30 == pytest.approx(0.5)
+    assert s.mixture["books@512K"] / 0.30 == pytest.approx(0.17, abs=0.005)
+
+
+def test_data_mix_matches_table9(r8b):
+    s = r8b.stage1
+    long = {k.split("@")[0]: v for k, v in s.mixture.items() if "@" in k}
+    assert long == {"code_repos": 0.30, "books": 0.30, "textbooks": 0.03}
+    assert sum(SHORTMIX.values()) == pytest.approx(0.37)  # "37% ShortMix"
+    kinds = {name: d.kind for name, d in r8b.data.domains.items()}
+    assert kinds["code_repos"] == kinds["books"] == kinds["textbooks"] == "long"
+    assert all(kinds[d] == "short" for d in SHORTMIX)
+    assert kinds["ultrachat"] == "sft"
+    assert r8b.data.domains["code_repos"].source.group_by == "max_stars_repo_name"  # concatenated per repo
+
+
+def test_sft(r8b):
+    s = r8b.sft
+    assert s.seq_len == 65536 and s.steps == 250 and s.batch_tokens == 4 * 1024 ** 2
+    assert s.steps * s.batch_tokens == pytest.approx(1e9, rel=0.05)  # "1B tokens"
+    assert (s.lr, s.warmup_ratio, s.min_lr_ratio) == (2e-5, 0.05, 0.1)  # cosine to 2e-6
+    assert s.mixture == {"ultrachat": 1.0} and r8b.init_source("sft") == "stage2"
+
+
+def test_optimisation_shared_by_every_stage(r8b):
+    for stage in ("stage1", "stage2", "sft"):
+        s = r8b.train_stage(stage)
+        assert s.optim.betas == (0.9, 0.95) and s.optim.weight_decay == 0.1 and s.optim.grad_clip == 1.0
+        assert s.activation_checkpointing and s.loss_chunk_size == 8192
+
+
+def test_evaluation(r8b):
+    e = r8b.eval
+    assert e.model_from == "sft"
+    assert e.json_kv.lengths == [32768, 65536, 131072]
+    assert e.lm_eval.num_fewshot == {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "winogrande": 5, "gsm8k": 5}
