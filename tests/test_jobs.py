@@ -85,3 +85,28 @@ def test_an_interrupted_waiter_cancels_the_job(tmp_path):
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError, match="jobs.backend: unknown backend 'pbs'"):
         get_backend("pbs")
+
+
+def test_a_job_whose_submitter_dies_is_stopped_not_orphaned(tmp_path):
+    """A worker or flow run killed with SIGKILL cannot cancel its job: the job stops by itself."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from prolong.jobs import JobSpec, get_backend;"
+        "job = get_backend('local').submit(JobSpec(name='orphan', module='tests.jobhelper',"
+        " args=['sleep', sys.argv[2] + '/pids'], log_path=Path(sys.argv[2]) / 'job.log', nproc_per_node=2,"
+        " env={'PYTHONPATH': sys.argv[1]}));"
+        "job.wait()"
+    )
+    submitter = subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(tmp_path)])
+    started = wait_for_pids(tmp_path, 4)
+    submitter.send_signal(signal.SIGKILL)
+    submitter.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and [p for p in started if alive(p)]:
+        time.sleep(0.2)
+    assert not [p for p in started if alive(p)]
+    assert "submitted this job is gone" in (tmp_path / "job.log").read_text()

@@ -1,7 +1,9 @@
 """The local backend: ``torchrun`` on this machine, in its own process group.
 
 The group is the unit of control: cancel and the wall-clock limit send SIGTERM to the whole group
-(torchrun and every rank it spawned), then SIGKILL after a grace period, so nothing is orphaned.
+(torchrun and every rank it spawned), then SIGKILL after a grace period. The group's leader is a
+small supervisor (``prolong.jobs.supervise``) that also ends the group if the submitting process
+dies without cancelling, so a killed worker or flow run never leaves training running unobserved.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ class LocalJob(JobHandle):
     def __init__(self, spec: JobSpec):
         self.spec = spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+        cmd = [sys.executable, "-m", "prolong.jobs.supervise", str(os.getpid()), "--",
+               sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                f"--nproc_per_node={spec.nproc_per_node}", "-m", spec.module, *spec.args]
         env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
         self._log = open(spec.log_path, "ab", buffering=0)

@@ -82,6 +82,9 @@ def export_hf(model: TrainingLM, tokenizer, out: Path, world: World) -> None:
 def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     world = init_world()
     cfg = recipe.train_stage(stage)
+    if cfg.sequence_parallel > 1:
+        raise ConfigError(f"{stage}.sequence_parallel: {cfg.sequence_parallel} needs Ulysses sequence parallelism, "
+                          "which this version does not ship yet; set it to 1 (fits sequences one device can hold)")
     torch.manual_seed(cfg.seed if cfg.seed is not None else recipe.seed)
     rec = StageRecorder(store, run, recipe, stage)
     if world.is_main:
