@@ -20,7 +20,12 @@ from tasks.stages import artifact_key, stage_task
 
 def _flow_run_name() -> str:
     params = flow_run.parameters
-    return params.get("run_name") or load_recipe(params["recipe"]).name
+    if params.get("run_name"):
+        return params["run_name"]
+    try:
+        return load_recipe(params["recipe"]).name
+    except Exception:  # an invalid recipe fails inside the flow, with its one-line message
+        return "prolong-recipe"
 
 
 @flow(name="prolong-recipe", flow_run_name=_flow_run_name, log_prints=True)

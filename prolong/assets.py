@@ -91,8 +91,13 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def asset_dir(name: str) -> Path:
+    """Where a built-in asset lives once built."""
+    return home() / "builtin" / f"{name}-{ASSET_VERSION}"
+
+
 def _ensure(name: str, build: Callable[[Path], None]) -> Path:
-    final = home() / "builtin" / f"{name}-{ASSET_VERSION}"
+    final = asset_dir(name)
     if final.exists():
         return final
     with _locked(home() / "builtin" / f".{name}.lock"):
@@ -267,7 +272,8 @@ def build_tiny_lm_eval(out: Path) -> None:
         "task: pymodule_mc\n"
         "dataset_path: json\n"
         "dataset_kwargs:\n"
-        f"  data_files: {{test: {json.dumps(str(out.parent / f'tiny-lm-eval-{ASSET_VERSION}' / 'pymodule_mc.jsonl'))}}}\n"
+        # built in a temporary folder that is then renamed: the task file names the final location
+        f"  data_files: {{test: {json.dumps(str(asset_dir('tiny-lm-eval') / 'pymodule_mc.jsonl'))}}}\n"
         "test_split: test\n"
         "fewshot_split: test\n"
         "output_type: multiple_choice\n"

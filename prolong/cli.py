@@ -84,12 +84,32 @@ def _cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before starting Prefect
     select_stages(recipe, stages, args.from_stage)
 
+    _check_prefect_api()
     from flows.recipe import prolong_recipe
 
     prolong_recipe(recipe=args.recipe, run_name=args.run_name, store=args.store or _default_store(),
                    stages=stages, from_stage=args.from_stage, overrides=args.overrides)
     print(f"run {args.run_name or recipe.name}: finished; `prolong status {args.run_name or recipe.name}` lists its stages")
     return 0
+
+
+def _check_prefect_api() -> None:
+    """Fail in one line, before Prefect's own retries, when PREFECT_API_URL points at nothing."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from prolong.errors import ConfigError
+
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        return  # Prefect starts a temporary local server itself
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=10)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"PREFECT_API_URL: no Prefect server answers at {url} ({reason}); start one with "
+                          "infra/prefect-server.sh start, or unset PREFECT_API_URL for a temporary one") from None
 
 
 def _default_store() -> str:

@@ -281,6 +281,10 @@ class Recipe(_Config):
             raise ConfigError(f"{name}: this recipe has no {name} section")
         return cfg
 
+    def stage_seed(self, name: str) -> int:
+        seed = self.train_stage(name).seed
+        return self.seed if seed is None else seed
+
     def present_train_stages(self) -> list[str]:
         return [s for s in TRAIN_STAGES if getattr(self, s) is not None]
 

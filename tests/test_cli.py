@@ -38,3 +38,11 @@ def test_status_of_a_run(tmp_path):
     assert all("pending" in lines[s] for s in ("stage1", "stage2", "sft", "eval"))
     as_json = prolong_cli("status", "r", "--store", store.url, "--json", check=True).stdout
     assert '"state": "done"' in as_json
+
+
+def test_run_with_an_unreachable_prefect_server_fails_in_one_line(tmp_path):
+    p = prolong_cli("run", "recipes/tiny.yaml", "--store", str(tmp_path / "runs"),
+                    env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error: PREFECT_API_URL: no Prefect server answers at http://127.0.0.1:9/api")
+    assert not (tmp_path / "runs").exists()

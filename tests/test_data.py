@@ -68,7 +68,7 @@ def test_64k_and_512k_documents_are_distinct_and_proportions_are_followed(tmp_pa
     raw["sft"] = raw["eval"] = None
     recipe = recipe_from_dict(raw)
     store = Store(str(tmp_path / "runs"))
-    recipe_json = store.write_json_atomic("r/recipe.json", raw)  # noqa: F841 (as the orchestrator does)
+    store.write_json_atomic("r/recipe.json", raw)  # as the orchestrator does
     m = prepare(recipe, store, "r")
     seen = {}
     for key in (StreamKey(2048, "books", 2048), StreamKey(2048, "books", 512)):

@@ -52,6 +52,16 @@ class StreamKey:
         return f"L{format_tokens(self.seq_len)}/{self.domain}{suffix}"
 
 
+def stage_streams(recipe, stage: str) -> list[tuple[StreamKey, float]]:
+    """The streams a training stage reads, with their proportions (its mixture, resolved)."""
+    cfg = recipe.train_stage(stage)
+    out = []
+    for comp in cfg.components():
+        long = recipe.data.domains[comp.domain].kind == "long"
+        out.append((StreamKey(cfg.seq_len, comp.domain, (comp.doc_len or cfg.seq_len) if long else None), comp.proportion))
+    return out
+
+
 def stream_rel(run: str, key: StreamKey) -> str:
     return f"{run}/data/streams/{key.name}"
 

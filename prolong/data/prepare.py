@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from prolong.config import Recipe
-from prolong.data.mds import StreamKey, write_stream
+from prolong.data.mds import StreamKey, stage_streams, write_stream
 from prolong.data.pack import TokenizedDoc, long_pieces, pack_concatenated, pack_long
 from prolong.data.sources import Document, iter_documents
 from prolong.data.tokenize import DocumentTokenizer
@@ -38,10 +38,8 @@ def stream_plan(recipe: Recipe) -> dict[StreamKey, dict]:
     for stage in recipe.present_train_stages():
         cfg = recipe.train_stage(stage)
         sequences = cfg.steps * cfg.global_batch_size
-        for comp in cfg.components():
-            key = StreamKey(seq_len=cfg.seq_len, domain=comp.domain,
-                            doc_len=(comp.doc_len or cfg.seq_len) if recipe.data.domains[comp.domain].kind == "long" else None)
-            need = math.ceil(sequences * comp.proportion * recipe.data.oversample)
+        for key, proportion in stage_streams(recipe, stage):
+            need = math.ceil(sequences * proportion * recipe.data.oversample)
             entry = plan.setdefault(key, {"samples": 0, "stages": []})
             entry["samples"] = max(entry["samples"], need)
             entry["stages"].append(stage)

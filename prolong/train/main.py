@@ -18,7 +18,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from prolong.config import Recipe, TrainStageConfig
-from prolong.data.mds import StreamKey, mixture_dataset
+from prolong.data.mds import mixture_dataset, stage_streams
 from prolong.data.tokenize import load_tokenizer
 from prolong.errors import ConfigError, StageError
 from prolong.manifest import StageRecorder, stage_prefix
@@ -79,13 +79,55 @@ def export_hf(model: TrainingLM, tokenizer, out: Path, world: World) -> None:
         tokenizer.save_pretrained(out)
 
 
+def _restore(ckpt: Checkpointer, rec: StageRecorder, model, optimizer, recipe: Recipe, run: str, stage: str):
+    """Resume this stage from its newest checkpoint made for the same inputs, or — on a fresh
+    start with ``keep_optimizer_state`` — take Adam's moments from the upstream stage."""
+    cfg = recipe.train_stage(stage)
+    latest = ckpt.latest()
+    if latest is not None and ckpt.trainer_state(latest).get("input_key") != rec.input_key:
+        log.info("%s: checkpoints were made for other inputs (config or upstream changed); starting over", stage)
+        ckpt.clear()
+        latest = None
+    if latest is not None:
+        saved = ckpt.load(latest, model, optimizer)
+        log.info("resuming %s at step %d", stage, saved["step"])
+        state = TrainerState(step=saved["step"], samples_seen=saved["samples_seen"], tokens_seen=saved["tokens_seen"])
+        return latest, state, saved.get("loader"), saved.get("scheduler")
+    if cfg.keep_optimizer_state:
+        init = recipe.init_source(stage)
+        upstream_ckpt = f"{stage_prefix(run, init)}/checkpoints"
+        steps = ckpt.complete_steps(upstream_ckpt)
+        if not steps:
+            raise StageError(f"{stage}.keep_optimizer_state: {init} left no complete checkpoint to take Adam moments from")
+        ckpt.load(steps[-1], model, optimizer, prefix=upstream_ckpt, model_too=False, restore_rng=False)
+        _reset_hyperparameters(optimizer, cfg)
+    return None, TrainerState(), None, None
+
+
+def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageConfig, resumed_from: int | None,
+            hf_dir: Path, accumulation: int, world: World) -> None:
+    rec.put_dir(hf_dir, "hf")
+    final = f"checkpoints/{step_dir(trainer.state.step)}"
+    rec.record_existing(final)
+    rec.record_existing("metrics.jsonl")
+    losses = [json.loads(x)["loss"] for x in store.read_text(rec.rel("metrics.jsonl")).splitlines() if x.strip()]
+    rec.finish(
+        metrics={"steps": trainer.state.step, "tokens": trainer.state.tokens_seen,
+                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                 "loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+                 "rope_theta": cfg.rope_theta, "world_size": world.world_size, "accumulation": accumulation,
+                 "attention": attention.current_backend(), "resumed_from_step": resumed_from},
+        artifacts={"hf_model": "hf", "checkpoint": final, "metrics": "metrics.jsonl"})
+
+
 def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     world = init_world()
     cfg = recipe.train_stage(stage)
     if cfg.sequence_parallel > 1:
         raise ConfigError(f"{stage}.sequence_parallel: {cfg.sequence_parallel} needs Ulysses sequence parallelism, "
                           "which this version does not ship yet; set it to 1 (fits sequences one device can hold)")
-    torch.manual_seed(cfg.seed if cfg.seed is not None else recipe.seed)
+    seed = recipe.stage_seed(stage)
+    torch.manual_seed(seed)
     rec = StageRecorder(store, run, recipe, stage)
     if world.is_main:
         rec.invalidate()
@@ -102,33 +144,12 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                             param_dtype=DTYPES[recipe.model.dtype])
         optimizer = build_optimizer(model, cfg)
         ckpt = Checkpointer(store, rec.prefix, world)
-        state, loader_state, scheduler_state = TrainerState(), None, None
-        latest = ckpt.latest()
-        if latest is not None and ckpt.trainer_state(latest).get("input_key") != rec.input_key:
-            log.info("%s: checkpoints were made for other inputs (config or upstream changed); starting over", stage)
-            ckpt.clear()
-            latest = None
-        if latest is not None:
-            saved = ckpt.load(latest, model, optimizer)
-            state = TrainerState(step=saved["step"], samples_seen=saved["samples_seen"], tokens_seen=saved["tokens_seen"])
-            loader_state, scheduler_state = saved.get("loader"), saved.get("scheduler")
-            log.info("resuming %s at step %d", stage, state.step)
-        elif cfg.keep_optimizer_state:
-            upstream_ckpt = f"{stage_prefix(run, init)}/checkpoints"
-            steps = ckpt.complete_steps(upstream_ckpt)
-            if not steps:
-                raise StageError(f"{stage}.keep_optimizer_state: {init} left no complete checkpoint to take Adam moments from")
-            ckpt.load(steps[-1], model, optimizer, prefix=upstream_ckpt, model_too=False, restore_rng=False)
-            _reset_hyperparameters(optimizer, cfg)
+        resumed_from, state, loader_state, scheduler_state = _restore(ckpt, rec, model, optimizer, recipe, run, stage)
         scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         if scheduler_state:
             scheduler.load_state_dict(scheduler_state)
 
-        keys = []
-        for comp in cfg.components():
-            long = recipe.data.domains[comp.domain].kind == "long"
-            keys.append((StreamKey(cfg.seq_len, comp.domain, (comp.doc_len or cfg.seq_len) if long else None), comp.proportion))
-        dataset = mixture_dataset(store, run, keys, cache_dir=tmp / "streams", seed=cfg.seed or recipe.seed,
+        dataset = mixture_dataset(store, run, stage_streams(recipe, stage), cache_dir=tmp / "streams", seed=seed,
                                   batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size)
         if loader_state:
             dataset.load_state_dict(loader_state)
@@ -146,22 +167,7 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
         trainer = Trainer(model, optimizer, scheduler, iter(loader), cfg, world, accumulation=accumulation,
                           callbacks=callbacks, state=state, save_checkpoint=save)
         trainer.fit()
-
-        hf_dir = tmp / "hf"
-        export_hf(model, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), hf_dir, world)
+        export_hf(model, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world)
         if world.is_main:
-            rec.put_dir(hf_dir, "hf")
-            final = f"checkpoints/{step_dir(trainer.state.step)}"
-            rec.record_existing(final)
-            rec.record_existing("metrics.jsonl")
-            lines = store.read_text(rec.rel("metrics.jsonl")).splitlines() if store.exists(rec.rel("metrics.jsonl")) else []
-            losses = [json.loads(x)["loss"] for x in lines if x.strip()]
-            rec.finish(
-                metrics={"steps": trainer.state.step, "tokens": trainer.state.tokens_seen,
-                         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                         "loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-                         "rope_theta": cfg.rope_theta, "world_size": world.world_size,
-                         "accumulation": accumulation, "attention": attention.current_backend(),
-                         "resumed_from_step": latest},
-                artifacts={"hf_model": "hf", "checkpoint": final, "metrics": "metrics.jsonl"})
+            _finish(rec, store, trainer, cfg, resumed_from, tmp / "hf", accumulation, world)
         ckpt.close()
