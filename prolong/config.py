@@ -136,6 +136,8 @@ class DataConfig(_Config):
     compression: str | None = "zstd"
     # Extra samples written beyond what the stage mixtures consume, so a stream is not repeated.
     oversample: float = Field(default=1.0, ge=1.0)
+    # The report's "share of documents longer than" columns (the paper's Table 14 uses 4K-32K).
+    report_thresholds: list[Tokens] = [4096, 8192, 16384, 32768]
 
     @model_validator(mode="after")
     def _names(self):

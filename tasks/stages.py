@@ -42,8 +42,9 @@ def _stage_markdown(ctx: RunContext, result) -> str:
     headline = summarize_metrics(result.stage, m.metrics)
     if headline:
         lines.append(f"- {headline}")
-    if result.stage == "eval" and ctx.store.exists(f"{stage_prefix(ctx.run, 'eval')}/results.md"):
-        lines += ["", ctx.store.read_text(f"{stage_prefix(ctx.run, 'eval')}/results.md")]
+    report = m.artifacts.get("report")  # a stage's human-readable summary (data report, eval table)
+    if report and ctx.store.exists(f"{stage_prefix(ctx.run, result.stage)}/{report}"):
+        lines += ["", ctx.store.read_text(f"{stage_prefix(ctx.run, result.stage)}/{report}")]
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,71 @@ def test_a_domain_without_long_enough_documents_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"data.domains.books: 0 documents have at least 512 tokens"):
         prepare(recipe_from_dict(raw), store, "t")
     assert not store.exists("t/data/manifest.json")
+
+
+def test_data_stage_is_deterministic_and_reports_table14(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", ["stage1.steps=3", "stage2.steps=1", "sft.steps=1"])
+    first = prepare(recipe, Store(str(tmp_path / "a")), "t")
+    second = prepare(recipe, Store(str(tmp_path / "b")), "t")
+    shards = lambda m: {o["path"]: o["sha256"] for o in m.outputs if "/shard." in o["path"]}  # noqa: E731
+    assert shards(first) and shards(first) == shards(second)
+    books = first.metrics["domains"]["books"]["lengths"]
+    assert set(books["share_longer_than"]) == {"128", "256", "512", "1K"}
+    assert books["documents"] > 0 and books["tokens"] == books["documents"] * books["mean_length"]
+    report = Store(str(tmp_path / "a")).read_text("t/data/report/report.md")
+    assert "| books | long |" in report and "Table 14" in report
+    assert Store(str(tmp_path / "a")).read_bytes("t/data/report/doc_lengths.png")[:4] == b"\x89PNG"
+
+
+def test_another_tokenizer_is_one_config_change(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prolong.stages import config_digest
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([f"word{i} " * 20 for i in range(200)], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path / "tok300")
+    base = load_recipe(ROOT / "recipes" / "tiny.yaml", ["stage1.steps=2", "stage2.steps=1", "sft.steps=1"])
+    other = load_recipe(ROOT / "recipes" / "tiny.yaml", ["stage1.steps=2", "stage2.steps=1", "sft.steps=1",
+                                                         f"model.tokenizer={tmp_path / 'tok300'}"])
+    assert config_digest(base, "data") != config_digest(other, "data")
+    store = Store(str(tmp_path / "runs"))
+    prepare(other, store, "t")
+    ids = np.concatenate([np.asarray(s["input_ids"]) for s in
+                          read_stream(store.uri(stream_rel("t", StreamKey(512, "shortmix"))), tmp_path / "c")])
+    assert ids.max() < 302 and (ids == 0).any()  # the new vocabulary, BOS id 0 of the new tokenizer
+
+
+def test_mixture_proportions_are_followed_within_sampling_error(tmp_path):
+    from prolong.data.mds import mixture_dataset, write_stream
+    from prolong.data.pack import Sample
+
+    store = Store(str(tmp_path / "runs"))
+    proportions = {"a": 0.5, "b": 0.3, "c": 0.2}
+    keys = []
+    for i, name in enumerate(proportions):
+        key = StreamKey(8, name)
+        rows = [Sample(input_ids=np.full(8, i, np.uint32), indices=np.array([[0, 8]]), domain=name) for _ in range(50)]
+        write_stream(rows, Path(store.path(stream_rel("r", key))), sft=False, compression="zstd")
+        keys.append((key, proportions[name]))
+    ds = mixture_dataset(store, "r", keys, cache_dir=tmp_path / "cache", seed=3, batch_size=1, epoch_size=1000)
+    counts = {name: 0 for name in proportions}
+    for s in ds:
+        counts[s["domain"]] += 1
+    assert sum(counts.values()) == 1000
+    for name, p in proportions.items():  # 3 standard deviations of a binomial
+        assert abs(counts[name] - 1000 * p) <= 3 * (1000 * p * (1 - p)) ** 0.5, counts
+
+
+def test_longalpaca_rows_become_chats(tmp_path):
+    path = tmp_path / "longalpaca.jsonl"
+    path.write_text(json.dumps({"instruction": "Summarise the paper.", "output": "It trains long models."}) + "\n")
+    domain = DomainConfig.model_validate({"kind": "sft", "source": {"type": "files", "path": str(path)}})
+    (d,) = iter_documents("la", domain, seed=0)
+    assert [m["role"] for m in d.messages] == ["user", "assistant"]
+    enc = DocumentTokenizer("builtin:tiny-bpe").encode_chat(d)
+    assert "It trains long models." in DocumentTokenizer("builtin:tiny-bpe").tok.decode(
+        enc.ids[enc.mask == 1].astype(np.int64))

@@ -65,7 +65,9 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
                 {"flow_runs": {"id": {"any_": [runs[-1]["id"]]}}})
     assert sorted(t["name"] for t in tasks) == sorted(STAGES)
     keys = {a["key"] for a in api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {})}
-    assert {"e2e-eval", "e2e-summary", "e2e-stage1-progress"} <= keys
+    assert {"e2e-data", "e2e-eval", "e2e-summary", "e2e-stage1-progress"} <= keys
+    data_md = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["e2e-data"]}}})
+    assert "Table 14" in data_md[0]["data"] and "| code_repos | long |" in data_md[0]["data"]
     table = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["e2e-eval"]}}})
     assert "JSON KV" in table[0]["data"] and "pymodule_mc" in table[0]["data"]
 

@@ -66,18 +66,20 @@ def stream_rel(run: str, key: StreamKey) -> str:
     return f"{run}/data/streams/{key.name}"
 
 
-def write_stream(samples: Iterable, out_dir: Path, *, sft: bool, compression: str | None) -> dict:
-    """Write samples (``pack.Sample``) as MDS shards; returns counts for the data report."""
+def write_stream(samples: Iterable, out_dir: Path, *, sft: bool, compression: str | None) -> tuple[dict, np.ndarray]:
+    """Write samples (``pack.Sample``) as MDS shards; returns counts and the document lengths seen."""
     MDSWriter = import_streaming().MDSWriter
-    n = tokens = docs = 0
+    n = tokens = 0
+    lengths = []
     with MDSWriter(out=str(out_dir), columns=SFT_COLUMNS if sft else COLUMNS, compression=compression,
                    hashes=["sha1", "xxh64"], size_limit=SHARD_SIZE, progress_bar=False) as writer:
         for s in samples:
             writer.write(s.to_mds())
             n += 1
             tokens += len(s.input_ids)
-            docs += len(s.indices)
-    return {"samples": n, "tokens": tokens, "documents": docs}
+            lengths.append(s.indices[:, 1] - s.indices[:, 0])
+    doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    return {"samples": n, "tokens": tokens, "documents": int(len(doc_lengths))}, doc_lengths
 
 
 def read_stream(uri: str | Path, cache_dir: str | Path) -> list[dict]:

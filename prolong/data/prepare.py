@@ -19,9 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from prolong.config import Recipe
 from prolong.data.mds import StreamKey, stage_streams, write_stream
 from prolong.data.pack import TokenizedDoc, long_pieces, pack_concatenated, pack_long
+from prolong.data.report import histogram_png, length_stats, report_markdown
 from prolong.data.sources import Document, iter_documents
 from prolong.data.tokenize import DocumentTokenizer
 from prolong.errors import DataError
@@ -29,7 +32,9 @@ from prolong.manifest import StageRecorder
 from prolong.store import Store
 
 log = logging.getLogger(__name__)
-BATCH = 256
+# Documents are tokenized in batches of about this many characters: large enough to keep every
+# core of the Rust tokenizer busy, small enough that a capped stream does not tokenize far ahead.
+BATCH_CHARS = 1 << 23
 
 
 def stream_plan(recipe: Recipe) -> dict[StreamKey, dict]:
@@ -54,12 +59,18 @@ def _shuffled_documents(name: str, recipe: Recipe) -> list[Document]:
     return docs
 
 
-def _tokenized(docs: list[Document], tok: DocumentTokenizer, sft: bool) -> Iterator[TokenizedDoc]:
-    for i in range(0, len(docs), BATCH):
-        batch = docs[i:i + BATCH]
-        if sft:
-            yield from (tok.encode_chat(d) for d in batch)
-            continue
+def _tokenized(docs: list[Document], tok: DocumentTokenizer, sft: bool, workers: int = 0) -> Iterator[TokenizedDoc]:
+    if sft:
+        yield from tok.encode_chats(docs, workers)
+        return
+    start = 0
+    while start < len(docs):
+        end, chars = start, 0
+        while end < len(docs) and (end == start or chars < BATCH_CHARS):
+            chars += len(docs[end].text or "")
+            end += 1
+        batch = docs[start:end]
+        start = end
         texts = iter(tok.encode_texts([d.text for d in batch if d.messages is None]))
         for d in batch:  # chats in a text domain are rendered with the chat template, trained on in full
             yield TokenizedDoc(ids=tok.encode_chat(d).ids) if d.messages is not None else next(texts)
@@ -101,11 +112,11 @@ def _long_streams(name: str, keys: list[StreamKey], plan, docs, tok, seed: int) 
     return out
 
 
-def _concatenated_streams(name, keys, plan, docs, tok, sft: bool) -> dict[StreamKey, list]:
+def _concatenated_streams(name, keys, plan, docs, tok, sft: bool, workers: int) -> dict[StreamKey, list]:
     out = {}
     for k in keys:
         samples = []
-        for s in pack_concatenated(_tokenized(docs, tok, sft), k.seq_len, name, carry_over=not sft):
+        for s in pack_concatenated(_tokenized(docs, tok, sft, workers), k.seq_len, name, carry_over=not sft):
             samples.append(s)
             if len(samples) >= plan[k]["samples"]:
                 break
@@ -123,7 +134,7 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
     by_domain: dict[str, list[StreamKey]] = defaultdict(list)
     for key in sorted(plan):
         by_domain[key.domain].append(key)
-    streams, domains = {}, {}
+    streams, domains, lengths_by_domain = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="prolong-data-", dir=workdir) as tmp:
         # Every stream is written locally first; nothing reaches the store unless all domains succeed.
         for name, keys in by_domain.items():
@@ -133,18 +144,30 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
             if kind == "long":
                 samples = _long_streams(name, keys, plan, docs, tok, recipe.data.seed)
             else:
-                samples = _concatenated_streams(name, keys, plan, docs, tok, sft=kind == "sft")
+                samples = _concatenated_streams(name, keys, plan, docs, tok, sft=kind == "sft",
+                                                workers=recipe.data.num_workers)
             domains[name] = {"kind": kind, "source_documents": len(docs)}
+            seen = []
             for key, rows in samples.items():
-                counts = write_stream(rows, Path(tmp) / key.name, sft=kind == "sft", compression=recipe.data.compression)
+                counts, doc_lengths = write_stream(rows, Path(tmp) / key.name, sft=kind == "sft",
+                                                   compression=recipe.data.compression)
+                seen.append(doc_lengths)
                 if counts["samples"] < plan[key]["samples"]:
                     log.warning("stream %s: %d samples, %d wanted; training will repeat them", key.name,
                                 counts["samples"], plan[key]["samples"])
                 streams[key.name] = {"seq_len": key.seq_len, "domain": name, "doc_len": key.doc_len,
                                      "wanted": plan[key]["samples"], "stages": plan[key]["stages"], **counts}
                 log.info("stream %s: %d samples, %d tokens", key.name, counts["samples"], counts["tokens"])
+            lengths_by_domain[name] = np.concatenate(seen)
+            domains[name]["lengths"] = length_stats(lengths_by_domain[name], recipe.data.report_thresholds)
         for name in streams:
             rec.put_dir(Path(tmp) / name, f"streams/{name}", move=True)
+        histogram_png(lengths_by_domain, Path(tmp) / "doc_lengths.png")
+        rec.put_file(Path(tmp) / "doc_lengths.png", "report/doc_lengths.png")
+        report = report_markdown(run, domains, streams, recipe.data.report_thresholds, "report/doc_lengths.png")
+        (Path(tmp) / "report.md").write_text(report)
+        rec.put_file(Path(tmp) / "report.md", "report/report.md")
     totals = {"samples": sum(s["samples"] for s in streams.values()), "tokens": sum(s["tokens"] for s in streams.values())}
     return rec.finish(metrics={"streams": streams, "domains": domains, **totals},
-                      artifacts={"streams": {k: f"streams/{k}" for k in streams}})
+                      artifacts={"streams": {k: f"streams/{k}" for k in streams}, "report": "report/report.md",
+                                 "histogram": "report/doc_lengths.png"})

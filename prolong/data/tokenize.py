@@ -8,8 +8,12 @@ rendered with the tokenizer's chat template; the loss mask covers assistant turn
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import cached_property
+from typing import Iterator
 
 import numpy as np
 
@@ -40,9 +44,26 @@ def load_tokenizer(ref: str, revision: str | None = None):
     return tok
 
 
+_worker: "DocumentTokenizer | None" = None
+
+
+def _init_worker(ref: str, revision: str | None) -> None:
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker = DocumentTokenizer(ref, revision)
+
+
+def _encode_chat_in_worker(doc: Document) -> TokenizedDoc:
+    return _worker.encode_chat(doc)
+
+
 class DocumentTokenizer:
+    # Rendering chat templates is Python (Jinja), one conversation at a time: worth a process pool
+    # only for datasets larger than this.
+    PARALLEL_CHATS = 20_000
+
     def __init__(self, ref: str, revision: str | None = None):
-        self.ref = ref
+        self.ref, self.revision = ref, revision
         self.tok = load_tokenizer(ref, revision)
         if self.tok.eos_token_id is None:
             raise DataError(f"model.tokenizer: tokenizer {ref!r} has no EOS token; documents need an end marker")
@@ -58,12 +79,34 @@ class DocumentTokenizer:
         return FALLBACK_CHAT_TEMPLATE
 
     def encode_texts(self, texts: list[str]) -> list[TokenizedDoc]:
-        """Batch-encode (tokenizers' Rust threads use all cores) and add BOS/EOS."""
+        """Batch-encode with the Rust tokenizer (its threads use all cores) and add BOS/EOS."""
         if not texts:
             return []
-        encoded = self.tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        head = [self.bos] if self.bos is not None else []
-        return [TokenizedDoc(ids=np.asarray(head + ids + [self.eos], dtype=np.uint32)) for ids in encoded]
+        head = 1 if self.bos is not None else 0
+        out = []
+        for enc in self.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+            ids = np.empty(len(enc.ids) + head + 1, dtype=np.uint32)
+            if head:
+                ids[0] = self.bos
+            ids[head:-1] = enc.ids
+            ids[-1] = self.eos
+            out.append(TokenizedDoc(ids=ids))
+        return out
+
+    def encode_chats(self, docs: list[Document], workers: int = 0) -> Iterator[TokenizedDoc]:
+        """`encode_chat` over many conversations, in order, on `workers` processes (0: all cores)."""
+        workers = workers or os.cpu_count() or 1
+        if workers <= 1 or len(docs) < self.PARALLEL_CHATS:
+            yield from map(self.encode_chat, docs)
+            return
+        # spawn: fresh interpreters, no forked tokenizer threads. An executor (unlike multiprocessing.Pool,
+        # which respawns crashing workers forever) fails with BrokenProcessPool if a worker dies.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(self.ref, self.revision)) as pool:
+            try:
+                yield from pool.map(_encode_chat_in_worker, docs, chunksize=256)
+            except BrokenProcessPool as e:
+                raise DataError(f"model.tokenizer: a chat-rendering worker died ({e})") from None
 
     def _render(self, messages, add_generation_prompt: bool = False) -> str:
         return self.tok.apply_chat_template(list(messages), chat_template=self.chat_template, tokenize=False,

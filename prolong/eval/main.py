@@ -136,4 +136,4 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str) -> None:
         md = results_markdown(run, cfg.model_from, summary)
         (tmp / "results.md").write_text(md)
         rec.put_file(tmp / "results.md", "results.md")
-    rec.finish(metrics=summary, artifacts={"results": "results.json", "table": "results.md", "items": "items.jsonl"})
+    rec.finish(metrics=summary, artifacts={"results": "results.json", "report": "results.md", "items": "items.jsonl"})
