@@ -91,8 +91,11 @@ class _RowSource(_Config):
     messages_field: str = "messages"  # chats; in long/short domains they are rendered as plain text
     # keep rows whose (dotted) fields equal these values, e.g. {meta.redpajama_set_name: RedPajamaBook}
     where: dict[str, Any] = {}
-    # one document per distinct value of this field (e.g. a repository name), parts in seeded random order
+    # one document per distinct value of this field (a repository, a book, a subject) ...
     group_by: str | None = None
+    # ... with its parts sorted by this field (chapters of a book); unset: a seeded random order
+    # (the files of a repository, as the paper does: not dependency order)
+    order_by: str | None = None
 
 
 class FileSource(_RowSource):

@@ -130,6 +130,11 @@ def test_file_sources_jsonl_txt_parquet_where_and_group_by(tmp_path):
     assert [d.text for d in docs({"type": "files", "path": str(tmp_path / "b.txt")})] == ["three"]
     grouped = docs({"type": "files", "path": str(tmp_path / "c.parquet"), "text_field": "content", "group_by": "repo"}, "long")
     assert [(d.id, sorted(d.text.split("\n\n"))) for d in grouped] == [("r1", ["f2"]), ("r2", ["f1", "f3"])]
+    # textbooks: chapters concatenated per book, in chapter order
+    (tmp_path / "book.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"text": "ch3", "book": "B", "n": 3}, {"text": "ch1", "book": "B", "n": 1}, {"text": "ch2", "book": "B", "n": 2}]))
+    (book,) = docs({"type": "files", "path": str(tmp_path / "book.jsonl"), "group_by": "book", "order_by": "n"}, "long")
+    assert book.text == "ch1\n\nch2\n\nch3"
 
 
 def test_hf_datasets_source_loads_through_datasets(tmp_path):

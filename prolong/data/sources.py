@@ -198,17 +198,24 @@ def _rows(rows: Iterator[tuple[str, dict]], src: FileSource | HFSource, kind: st
             yield _row_document(row, src, kind, doc_id, where)
         return
     # Grouping needs every row of a group: held in memory, keyed by the group value.
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[tuple]] = {}
     for doc_id, row in rows:
         key = _field(row, src.group_by)
         if key is None:
             raise DataError(f"{doc_id}: no field {src.group_by!r} to group by ({where}.group_by)")
-        doc = _row_document(row, src, "long", doc_id, where)
-        groups.setdefault(str(key), []).append(doc.text)
+        order = None
+        if src.order_by is not None:
+            order = _field(row, src.order_by)
+            if order is None:
+                raise DataError(f"{doc_id}: no field {src.order_by!r} to order by ({where}.order_by)")
+        groups.setdefault(str(key), []).append((order, _row_document(row, src, "long", doc_id, where).text))
     for key in sorted(groups):
         parts = groups[key]
-        _seeded(seed, key).shuffle(parts)  # seeded random order, not dependency order
-        yield Document(id=key, text="\n\n".join(parts))
+        if src.order_by is not None:
+            parts.sort(key=lambda p: p[0])
+        else:
+            _seeded(seed, key).shuffle(parts)  # seeded random order, not dependency order
+        yield Document(id=key, text="\n\n".join(text for _, text in parts))
 
 
 def iter_documents(name: str, domain: DomainConfig, seed: int) -> Iterator[Document]:
