@@ -4,9 +4,10 @@ The Prefect tasks in ``tasks/`` are thin wrappers over :func:`run_stage`, adding
 and artifacts in the UI. The rules live here:
 
 * a stage whose manifest holds today's input key is *done* and is skipped;
-* a forced stage (``--from-stage``) has its folder removed first, checkpoints included;
-* otherwise the job runs; a training job resumes from its own checkpoints when they were made
-  for the same input key;
+* a stage that finished for other inputs (the recipe or an upstream stage changed since), and a
+  forced stage (``--from-stage``), have their folder removed first, checkpoints included;
+* otherwise the job runs; a training job resumes from the checkpoints of an unfinished attempt
+  when they were made for the same input key, and refuses to touch ones made for other inputs;
 * a stage is finished only when its job succeeded *and* wrote a manifest with the expected key.
 """
 
@@ -89,7 +90,9 @@ def run_stage(ctx: RunContext, stage: str, *, force: bool = False, on_log: Calla
         log.info("%s: done (manifest %s), skipping", stage, manifest.digest[:12])
         return StageResult(stage, manifest, skipped=True)
     key = expected_key(ctx.store, ctx.run, ctx.recipe, stage)  # raises if an upstream stage is not done
-    if force:
+    if state == "stale":
+        log.info("%s: finished earlier for other inputs (recipe or upstream changed); running it again", stage)
+    if force or state == "stale":
         ctx.store.delete(stage_prefix(ctx.run, stage))
     attempt = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     spec = job_spec(ctx, stage, attempt)

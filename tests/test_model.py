@@ -27,9 +27,13 @@ def dense_document_reference(q, k, v, lengths, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
 
 
-def test_sdpa_document_backend_matches_a_dense_document_mask():
+@pytest.mark.parametrize("lengths", [
+    [5, 1, 9, 5, 12],  # padded into shared buckets of 8 and 16
+    [16] * 6,  # one batched call
+    [2100, 7, 64, 33],  # a document longer than the largest bucket runs alone
+])
+def test_sdpa_document_backend_matches_a_dense_document_mask(lengths):
     torch.manual_seed(0)
-    lengths = [5, 1, 9, 5, 12]  # equal lengths are batched together, odd ones alone
     q = torch.randn(1, 4, sum(lengths), 16)
     k, v = torch.randn(1, 2, sum(lengths), 16), torch.randn(1, 2, sum(lengths), 16)
     layout = DocumentLayout.from_lengths([lengths])
@@ -38,10 +42,17 @@ def test_sdpa_document_backend_matches_a_dense_document_mask():
     class GQA:
         num_key_value_groups = 2
 
+    for t in (q, k, v):
+        t.requires_grad_(True)
     out, _ = document_attention(GQA(), q, k, v, None, scaling=0.25, cu_seq_lens_q=layout.cu_seqlens,
                                 max_length_q=layout.max_seqlen)
     ref = dense_document_reference(q, k, v, lengths, 0.25).transpose(1, 2)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_layout_positions_restart_per_document():

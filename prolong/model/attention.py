@@ -7,8 +7,8 @@ kwargs. The model code stays untouched: we register one attention function with 
 
 * ``flash`` — flash-attn's varlen kernel (GPU, when flash-attn is installed);
 * ``flex``  — FlexAttention with a block-sparse document mask (GPU; its backward does not run on CPU);
-* ``sdpa``  — PyTorch SDPA per document, documents of equal length batched together. Exact on any
-  device, costs Σ len² rather than L², and is the CPU path.
+* ``sdpa``  — PyTorch SDPA per document, short documents batched by padded length. Exact on any
+  device, costs about Σ len² rather than L², and is the CPU path.
 
 Registering our own name also makes transformers skip building a dense L×L mask (it only builds
 masks for the implementations it knows), which at 512K tokens would not fit in memory.
@@ -91,19 +91,34 @@ def _kv_groups(module, query: torch.Tensor, key: torch.Tensor) -> int:
     return getattr(module, "num_key_value_groups", query.shape[1] // key.shape[1])
 
 
+# Short documents are padded up to one of these lengths so that many share one SDPA call.
+# Padding sits at the end of each document: under causal attention no real token attends a pad,
+# and pad outputs are dropped, so results and gradients are exact. Longer documents run alone.
+_BUCKETS = [8 * i for i in range(1, 9)] + [int(64 * 2 ** (i / 2)) for i in range(1, 11)]  # ≤ 2048
+
+
+def _bucket(n: int) -> int:
+    return next((b for b in _BUCKETS if b >= n), n)
+
+
 def _sdpa_documents(q, k, v, cu: list[int], scale, groups: int) -> torch.Tensor:
     """q/k/v: [heads, tokens, dim] over the flattened batch → [heads, tokens, dim]."""
-    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
     out = torch.empty_like(q)
-    by_len: dict[int, list[int]] = {}
-    for start, n in zip(cu[:-1], lengths):
-        by_len.setdefault(n, []).append(start)
-    for n, starts in by_len.items():
-        # gather all documents of length n into one [docs, heads, n, dim] batch
-        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
-        qs, ks, vs = (t.index_select(1, idx).unflatten(1, (len(starts), n)).transpose(0, 1) for t in (q, k, v))
+    by_len: dict[int, list[tuple[int, int]]] = {}
+    for start, end in zip(cu[:-1], cu[1:]):
+        by_len.setdefault(_bucket(end - start), []).append((start, end - start))
+    for width, docs in by_len.items():
+        starts = torch.tensor([s for s, _ in docs], device=q.device)
+        lengths = torch.tensor([n for _, n in docs], device=q.device)
+        offsets = torch.arange(width, device=q.device)
+        real = offsets[None, :] < lengths[:, None]  # [docs, width]
+        # pads repeat the document's first token; they are never attended by real tokens
+        idx = (starts[:, None] + torch.where(real, offsets[None, :], 0)).reshape(-1)
+        qs, ks, vs = (t.index_select(1, idx).unflatten(1, (len(docs), width)).transpose(0, 1) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=groups > 1)
-        out.index_copy_(1, idx, o.transpose(0, 1).flatten(1, 2))
+        o = o.transpose(0, 1).flatten(1, 2)  # [heads, docs·width, dim]
+        keep = real.reshape(-1)
+        out.index_copy_(1, idx[keep], o[:, keep])
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from prolong import assets
 from prolong.errors import ConfigError
 from prolong.model import attention
-from prolong.model.rope import set_rope_theta
+from prolong.model.rope import set_rope_theta, uses_rope
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -24,8 +24,19 @@ def load_config(ref: str, revision: str | None = None):
         raise ConfigError(f"model.path: cannot load a model config from {ref!r} ({str(e).splitlines()[0]})") from None
 
 
-def load_model(ref: str, *, rope_theta: float, dtype: str = "bfloat16", revision: str | None = None,
-               device: torch.device | str = "cpu"):
+def check_long_context(config, ref: str, rope_theta: float, seq_len: int | None, field: str) -> None:
+    """RoPE models extend to any length through θ; models with learned positions cannot."""
+    if not uses_rope(config):
+        raise ConfigError(f"{field}.rope_theta: model {ref!r} ({config.model_type}) has no rotary position "
+                          f"embedding, so θ={rope_theta:g} cannot apply; long-context training needs a RoPE model")
+    if seq_len and getattr(config, "max_position_embeddings", None) and seq_len > config.max_position_embeddings:
+        log.info("%s: max_position_embeddings %d → %d (RoPE θ %g)", field, config.max_position_embeddings, seq_len,
+                 rope_theta)
+        config.max_position_embeddings = seq_len
+
+
+def load_model(ref: str, *, rope_theta: float, seq_len: int | None = None, dtype: str = "bfloat16",
+               revision: str | None = None, device: torch.device | str = "cpu", field: str = "model"):
     """An HF causal LM with θ written into its config and document-masked attention registered.
 
     The model stays a plain transformers model: parallelism is applied afterwards by
@@ -35,6 +46,7 @@ def load_model(ref: str, *, rope_theta: float, dtype: str = "bfloat16", revision
 
     path = assets.resolve(ref)
     config = load_config(ref, revision)
+    check_long_context(config, ref, rope_theta, seq_len, field)
     set_rope_theta(config, rope_theta)
     config.use_cache = False  # a KV cache in training would silently break document isolation
     impl = attention.register()

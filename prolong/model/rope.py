@@ -18,6 +18,10 @@ def _param_dicts(config) -> list[dict]:
     return [v for v in params.values() if isinstance(v, dict)]  # per layer type
 
 
+def uses_rope(config) -> bool:
+    return bool(_param_dicts(config)) or getattr(config, "rope_theta", None) is not None
+
+
 def get_rope_theta(config) -> float:
     dicts = _param_dicts(config)
     if dicts:

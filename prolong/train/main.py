@@ -85,9 +85,9 @@ def _restore(ckpt: Checkpointer, rec: StageRecorder, model, optimizer, recipe: R
     cfg = recipe.train_stage(stage)
     latest = ckpt.latest()
     if latest is not None and ckpt.trainer_state(latest).get("input_key") != rec.input_key:
-        log.info("%s: checkpoints were made for other inputs (config or upstream changed); starting over", stage)
-        ckpt.clear()
-        latest = None
+        # An unfinished attempt of another recipe or upstream: never overwrite it silently.
+        raise StageError(f"{stage}: checkpoints in {ckpt.store.uri(ckpt.prefix)} were made for other inputs "
+                         f"(a different recipe or upstream stage); re-run with --from-stage {stage} to discard them")
     if latest is not None:
         saved = ckpt.load(latest, model, optimizer)
         log.info("resuming %s at step %d", stage, saved["step"])
@@ -129,15 +129,14 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     seed = recipe.stage_seed(stage)
     torch.manual_seed(seed)
     rec = StageRecorder(store, run, recipe, stage)
-    if world.is_main:
-        rec.invalidate()
     accumulation = accumulation_steps(cfg, stage, world.world_size)
     init = recipe.init_source(stage)
     with tempfile.TemporaryDirectory(prefix=f"prolong-{stage}-") as tmp_:
         tmp = Path(tmp_)
         model_ref = recipe.model.path if init == "model" else _upstream_model_dir(store, run, init, world, tmp)
-        lm = load_model(model_ref, rope_theta=cfg.rope_theta, dtype=recipe.model.dtype,
-                        revision=recipe.model.revision if init == "model" else None, device=world.device)
+        lm = load_model(model_ref, rope_theta=cfg.rope_theta, seq_len=cfg.seq_len, dtype=recipe.model.dtype,
+                        revision=recipe.model.revision if init == "model" else None, device=world.device,
+                        field=stage)
         attention.select_backend(recipe.model.attention, world.device)
         model = parallelize(TrainingLM(lm, cfg.loss_chunk_size), world,
                             activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
@@ -148,6 +147,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
         scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         if scheduler_state:
             scheduler.load_state_dict(scheduler_state)
+        if world.is_main:
+            rec.invalidate()  # only now, with every input checked: a failed start changes nothing
 
         dataset = mixture_dataset(store, run, stage_streams(recipe, stage), cache_dir=tmp / "streams", seed=seed,
                                   batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size)
@@ -160,7 +161,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
             loader_pos = dataset.state_dict(num_samples=trainer.state.samples_seen, from_beginning=True) \
                 if world.is_main else None
             ckpt.save(trainer.state.step, model, optimizer,
-                      {**trainer.state_dict(), "loader": loader_pos, "input_key": rec.input_key})
+                      {**trainer.state_dict(), "loader": loader_pos, "input_key": rec.input_key,
+                       "rope_theta": cfg.rope_theta, "seq_len": cfg.seq_len})
 
         callbacks = [ConsoleLogger(), MetricsFile(store, rec.rel("metrics.jsonl"), tmp / "metrics.jsonl"),
                      ProgressFile(store, rec.rel("progress.json"), stage), Checkpointing(cfg.checkpoint_every)]
