@@ -106,6 +106,9 @@ def _ensure(name: str, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
         try:
             build(tmp)
+            missing = [f for f in _EXPECTED.get(name, ()) if not (tmp / f).exists()]
+            if missing:
+                raise RuntimeError(f"builtin:{name}: building it left out {', '.join(missing)}")
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -240,7 +243,13 @@ def build_tiny_llama(out: Path) -> None:
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **TINY_LLAMA)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(out, safe_serialization=True)
+    # Written directly, not with save_pretrained: under an initialised process group that writes
+    # weights on rank 0 only, and the rank building the asset may be any rank.
+    from safetensors.torch import save_file
+
+    config.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
     tok.save_pretrained(out)
 
 
@@ -288,6 +297,10 @@ def build_tiny_lm_eval(out: Path) -> None:
         "  version: 1.0\n"
     )
 
+
+_EXPECTED = {"tiny-corpus": ("books.jsonl", "short.jsonl", "chat.jsonl"), "tiny-bpe": ("tokenizer.json",),
+             "tiny-llama": ("config.json", "model.safetensors", "tokenizer.json"),
+             "tiny-lm-eval": ("pymodule_mc.yaml", "pymodule_mc.jsonl")}
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-corpus": build_tiny_corpus,

@@ -264,6 +264,8 @@ class JobsConfig(_Config):
     nproc_per_node: int = Field(default=1, gt=0)
     time_limit_minutes: float | None = Field(default=None, gt=0)
     env: dict[str, str] = {}
+    # dense bf16 peak per device for MFU; known GPUs are looked up by name, CPUs have none
+    peak_tflops: float | None = Field(default=None, gt=0)
 
 
 # ---------------------------------------------------------------- recipe

@@ -152,3 +152,19 @@ def test_schedule_warms_up_then_decays_to_the_min_ratio():
     assert all(a >= b for a, b in zip(f[9:], f[10:]))  # then monotone cosine decay
     assert lr_factor(100, 100, 0.1, 0.1) == pytest.approx(0.1)  # ends at min_lr_ratio × lr
     assert lr_factor(0, 10, 0.0, 0.0) == pytest.approx(1.0)
+
+
+def test_flop_conventions(tiny_model_dir):
+    from prolong.train.flops import FlopCounter, peak_flops
+
+    lm = load_model(tiny_model_dir, rope_theta=8e6, dtype="float32")
+    fc = FlopCounter.for_model(lm)
+    c = lm.config
+    n = sum(p.numel() for p in lm.parameters()) - c.vocab_size * c.hidden_size  # all but the input embedding
+    assert fc.matmul_params == n and fc.layers == c.num_hidden_layers and fc.attention_width == c.hidden_size
+    # nominal, causal: 6N + 6·layers·d·L per token
+    assert fc.nominal(1024, 512) == 1024 * (6 * n + 6 * c.num_hidden_layers * c.hidden_size * 512)
+    # document-aware: one document filling the sequence is the nominal count; packs of short ones cost less
+    assert fc.document_aware(512, 512 ** 2) == fc.nominal(512, 512)
+    assert fc.document_aware(512, 8 * 64 ** 2) < fc.nominal(512, 512)
+    assert peak_flops(torch.device("cpu")) is None and peak_flops(torch.device("cpu"), 100.0) == 1e14

@@ -10,7 +10,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,22 @@ def init_world(timeout_minutes: float = 30) -> World:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def node_scratch(world: World, name: str) -> Path:
+    """A scratch folder shared by the ranks of this node and unique to this job (torchrun's run id):
+    mosaicml-streaming needs one local cache per node that every local rank agrees on."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or str(os.getppid() if world.distributed else os.getpid())
+    path = Path(tempfile.gettempdir()) / "prolong-scratch" / f"{name}-{job}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_scratch(world: World, path: Path) -> None:
+    if world.distributed:
+        dist.barrier()
+    if world.local_rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def shutdown() -> None:

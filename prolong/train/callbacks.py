@@ -36,8 +36,13 @@ class ConsoleLogger(Callback):
 
     def on_step_end(self, trainer, metrics):
         if trainer.world.is_main and (metrics["step"] % self.every == 0 or metrics["step"] == trainer.total_steps):
-            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f", metrics["step"], trainer.total_steps,
-                     metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"])
+            mfu = ""
+            if metrics.get("mfu_nominal") is not None:
+                mfu = f" MFU {100 * metrics['mfu_nominal']:.1f}% nominal, {100 * metrics['mfu_document']:.1f}% document-aware"
+            elif "tflops_nominal" in metrics:
+                mfu = f" TFLOP/s/device {metrics['tflops_nominal']:.3f} nominal, {metrics['tflops_document']:.3f} document-aware"
+            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f%s", metrics["step"], trainer.total_steps,
+                     metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"], mfu)
 
 
 class MetricsFile(Callback):
@@ -105,6 +110,52 @@ class ProgressFile(Callback):
     def on_train_end(self, trainer):
         if trainer.world.is_main:
             self._write(trainer, None, "finished")
+
+
+class StageReport(Callback):
+    """At the end: a loss/LR curve over every step (earlier attempts included) and a markdown summary."""
+
+    def __init__(self, store, prefix: str, stage: str, metrics_file: Path, workdir: Path):
+        self.store, self.prefix, self.stage, self.metrics_file, self.workdir = store, prefix, stage, metrics_file, workdir
+
+    def on_train_end(self, trainer):
+        if not trainer.world.is_main or not self.metrics_file.exists():
+            return
+        rows = [json.loads(x) for x in self.metrics_file.read_text().splitlines() if x.strip()]
+        if not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue", label="loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (token-averaged)")
+        ax.grid(alpha=0.3)
+        lr_ax = ax.twinx()
+        lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="LR")
+        lr_ax.set_ylabel("learning rate")
+        ax.set_title(f"{self.stage}: loss and learning rate")
+        fig.legend(loc="upper right")
+        fig.tight_layout()
+        png = self.workdir / "loss_curve.png"
+        fig.savefig(png)
+        plt.close(fig)
+        self.store.put_file(png, f"{self.prefix}/report/loss_curve.png")
+        last = rows[-10:]
+        mean = lambda k: sum(r[k] for r in last if r.get(k) is not None) / max(1, sum(r.get(k) is not None for r in last))  # noqa: E731
+        lines = [f"## {self.stage}", "", "| | value |", "|---|---|",
+                 f"| steps | {rows[-1]['step']} |", f"| loss first → last-10 mean | {rows[0]['loss']:.4f} → {mean('loss'):.4f} |",
+                 f"| tokens seen | {rows[-1]['tokens_seen']:,} |", f"| tokens/s (last 10) | {mean('tokens_per_s'):,.0f} |"]
+        if rows[-1].get("tflops_nominal") is not None:
+            lines.append(f"| TFLOP/s per device, nominal / document-aware | {mean('tflops_nominal'):.3f} / "
+                         f"{mean('tflops_document'):.3f} |")
+        if rows[-1].get("mfu_nominal") is not None:
+            lines.append(f"| MFU nominal / document-aware | {100 * mean('mfu_nominal'):.1f}% / {100 * mean('mfu_document'):.1f}% |")
+        lines += ["", "Loss curve: `report/loss_curve.png`"]
+        self.store.write_bytes_atomic(f"{self.prefix}/report/report.md", ("\n".join(lines) + "\n").encode())
 
 
 class Checkpointing(Callback):

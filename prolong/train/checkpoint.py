@@ -54,10 +54,13 @@ def _barrier(world: World) -> None:
 
 
 class Checkpointer:
-    def __init__(self, store: Store, prefix: str, world: World, keep: int = 2):
+    def __init__(self, store: Store, prefix: str, world: World, staging: Path | None = None, keep: int = 2):
+        """`staging`: a folder shared by the ranks of a node (remote stores write shards there first)."""
         self.store, self.world, self.keep = store, world, keep
         self.prefix = f"{prefix}/checkpoints"
-        self._staging = Path(tempfile.mkdtemp(prefix="prolong-ckpt-")) if not store.is_local else None
+        self._own_staging = staging is None and not store.is_local
+        self._staging = staging if staging is not None else (Path(tempfile.mkdtemp(prefix="prolong-ckpt-"))
+                                                             if not store.is_local else None)
 
     # ------------------------------------------------------------ discovery
     def complete_steps(self, prefix: str | None = None) -> list[int]:
@@ -142,5 +145,5 @@ class Checkpointer:
         return trainer_state
 
     def close(self) -> None:
-        if self._staging is not None:
+        if self._own_staging:
             shutil.rmtree(self._staging, ignore_errors=True)

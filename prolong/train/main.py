@@ -25,10 +25,11 @@ from prolong.manifest import StageRecorder, stage_prefix
 from prolong.model import attention
 from prolong.model.lm import TrainingLM
 from prolong.model.load import DTYPES, load_model
-from prolong.parallel import World, init_world, parallelize
+from prolong.parallel import World, init_world, node_scratch, parallelize, remove_scratch
 from prolong.store import Store
 from prolong.train.batch import collate
-from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile
+from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile, StageReport
+from prolong.train.flops import FlopCounter, peak_flops
 from prolong.train.checkpoint import Checkpointer, step_dir
 from prolong.train.schedule import build_scheduler
 from prolong.train.trainer import Trainer, TrainerState
@@ -58,11 +59,11 @@ def _reset_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainStageConf
         group.update(lr=cfg.lr, initial_lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=decay)
 
 
-def _upstream_model_dir(store: Store, run: str, init: str, world: World, tmp: Path) -> str:
+def _upstream_model_dir(store: Store, run: str, init: str, world: World, scratch: Path) -> str:
     rel = f"{stage_prefix(run, init)}/hf"
     if store.is_local:
         return str(store.local_path(rel))
-    local = tmp / "init"
+    local = scratch / "init"
     if world.local_rank == 0:
         store.get_dir(rel, local)
     if world.distributed:
@@ -110,14 +111,25 @@ def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageC
     final = f"checkpoints/{step_dir(trainer.state.step)}"
     rec.record_existing(final)
     rec.record_existing("metrics.jsonl")
-    losses = [json.loads(x)["loss"] for x in store.read_text(rec.rel("metrics.jsonl")).splitlines() if x.strip()]
+    rec.record_existing("report")
+    rows = [json.loads(x) for x in store.read_text(rec.rel("metrics.jsonl")).splitlines() if x.strip()]
+    losses = [r["loss"] for r in rows]
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
     rec.finish(
         metrics={"steps": trainer.state.step, "tokens": trainer.state.tokens_seen,
                  "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                  "loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+                 "tokens_per_s": mean("tokens_per_s"), "tflops_nominal": mean("tflops_nominal"),
+                 "tflops_document": mean("tflops_document"), "mfu_nominal": mean("mfu_nominal"),
+                 "mfu_document": mean("mfu_document"),
                  "rope_theta": cfg.rope_theta, "world_size": world.world_size, "accumulation": accumulation,
                  "attention": attention.current_backend(), "resumed_from_step": resumed_from},
-        artifacts={"hf_model": "hf", "checkpoint": final, "metrics": "metrics.jsonl"})
+        artifacts={"hf_model": "hf", "checkpoint": final, "metrics": "metrics.jsonl", "report": "report/report.md",
+                   "loss_curve": "report/loss_curve.png"})
 
 
 def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
@@ -131,9 +143,10 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     rec = StageRecorder(store, run, recipe, stage)
     accumulation = accumulation_steps(cfg, stage, world.world_size)
     init = recipe.init_source(stage)
+    scratch = node_scratch(world, f"{run}-{stage}")  # shared by this node's ranks
     with tempfile.TemporaryDirectory(prefix=f"prolong-{stage}-") as tmp_:
-        tmp = Path(tmp_)
-        model_ref = recipe.model.path if init == "model" else _upstream_model_dir(store, run, init, world, tmp)
+        tmp = Path(tmp_)  # this rank's own
+        model_ref = recipe.model.path if init == "model" else _upstream_model_dir(store, run, init, world, scratch)
         lm = load_model(model_ref, rope_theta=cfg.rope_theta, seq_len=cfg.seq_len, dtype=recipe.model.dtype,
                         revision=recipe.model.revision if init == "model" else None, device=world.device,
                         field=stage)
@@ -142,7 +155,7 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                             activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                             param_dtype=DTYPES[recipe.model.dtype])
         optimizer = build_optimizer(model, cfg)
-        ckpt = Checkpointer(store, rec.prefix, world)
+        ckpt = Checkpointer(store, rec.prefix, world, staging=scratch / "checkpoints")
         resumed_from, state, loader_state, scheduler_state = _restore(ckpt, rec, model, optimizer, recipe, run, stage)
         scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         if scheduler_state:
@@ -150,7 +163,7 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
         if world.is_main:
             rec.invalidate()  # only now, with every input checked: a failed start changes nothing
 
-        dataset = mixture_dataset(store, run, stage_streams(recipe, stage), cache_dir=tmp / "streams", seed=seed,
+        dataset = mixture_dataset(store, run, stage_streams(recipe, stage), cache_dir=scratch / "streams", seed=seed,
                                   batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size)
         if loader_state:
             dataset.load_state_dict(loader_state)
@@ -165,11 +178,14 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                        "rope_theta": cfg.rope_theta, "seq_len": cfg.seq_len})
 
         callbacks = [ConsoleLogger(), MetricsFile(store, rec.rel("metrics.jsonl"), tmp / "metrics.jsonl"),
-                     ProgressFile(store, rec.rel("progress.json"), stage), Checkpointing(cfg.checkpoint_every)]
+                     ProgressFile(store, rec.rel("progress.json"), stage), Checkpointing(cfg.checkpoint_every),
+                     StageReport(store, rec.prefix, stage, tmp / "metrics.jsonl", tmp)]
         trainer = Trainer(model, optimizer, scheduler, iter(loader), cfg, world, accumulation=accumulation,
-                          callbacks=callbacks, state=state, save_checkpoint=save)
+                          callbacks=callbacks, state=state, save_checkpoint=save, flops=FlopCounter.for_model(lm),
+                          peak_flops=peak_flops(world.device, recipe.jobs.peak_tflops))
         trainer.fit()
         export_hf(model, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world)
         if world.is_main:
             _finish(rec, store, trainer, cfg, resumed_from, tmp / "hf", accumulation, world)
         ckpt.close()
+        remove_scratch(world, scratch)

@@ -24,6 +24,7 @@ from prolong.errors import StageError
 from prolong.parallel import World, all_reduce_sum
 from prolong.train.batch import MicroBatch
 from prolong.train.callbacks import Callback
+from prolong.train.flops import FlopCounter
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class TrainerState:
 class Trainer:
     def __init__(self, model, optimizer, scheduler, batches: Iterator[MicroBatch], cfg: TrainStageConfig, world: World,
                  *, accumulation: int, callbacks: list[Callback], state: TrainerState | None = None,
-                 save_checkpoint: Callable[["Trainer"], None] | None = None):
+                 save_checkpoint: Callable[["Trainer"], None] | None = None, flops: FlopCounter | None = None,
+                 peak_flops: float | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.batches, self.cfg, self.world = batches, cfg, world
         self.accumulation = accumulation
@@ -48,6 +50,7 @@ class Trainer:
         self.total_steps = cfg.steps
         self.last_checkpoint_step = self.state.step if self.state.step else None
         self._save = save_checkpoint
+        self.flops, self.peak_flops = flops, peak_flops
         self.history: list[dict] = []
 
     def save_checkpoint(self) -> None:
@@ -94,13 +97,22 @@ class Trainer:
                              f"(loss {loss_total / global_targets}, grad norm {float(grad_norm)})")
         tokens = all_reduce_sum(sum(mb.n_tokens for mb in micro_batches), self.world)
         samples = all_reduce_sum(sum(mb.input_ids.shape[0] for mb in micro_batches), self.world)
+        sum_len_sq = all_reduce_sum(sum(mb.attention_cost for mb in micro_batches), self.world)
         self.state.step += 1
         self.state.samples_seen += int(samples)
         self.state.tokens_seen += int(tokens)
         elapsed = time.perf_counter() - t0
-        return {"step": self.state.step, "loss": loss_total / global_targets, "lr": lr, "grad_norm": float(grad_norm),
-                "target_tokens": int(global_targets), "tokens": int(tokens), "tokens_seen": self.state.tokens_seen,
-                "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
+        metrics = {"step": self.state.step, "loss": loss_total / global_targets, "lr": lr, "grad_norm": float(grad_norm),
+                   "target_tokens": int(global_targets), "tokens": int(tokens), "tokens_seen": self.state.tokens_seen,
+                   "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
+        if self.flops is not None:
+            per_device = elapsed * self.world.world_size
+            nominal = self.flops.nominal(int(tokens), self.cfg.seq_len) / per_device
+            document = self.flops.document_aware(int(tokens), int(sum_len_sq)) / per_device
+            metrics.update(tflops_nominal=nominal / 1e12, tflops_document=document / 1e12,
+                           mfu_nominal=nominal / self.peak_flops if self.peak_flops else None,
+                           mfu_document=document / self.peak_flops if self.peak_flops else None)
+        return metrics
 
     def _next_step_batches(self) -> list[MicroBatch]:
         try:
