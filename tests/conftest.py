@@ -84,6 +84,25 @@ def tiny_model_dir(prolong_home) -> str:
     return assets.resolve("builtin:tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(prolong_home, tmp_path_factory) -> str:
+    """A small Qwen2 (q/k/v biases, tied embeddings) with the tiny tokenizer: users asked for Qwen2."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from prolong import assets
+
+    tok = AutoTokenizer.from_pretrained(assets.resolve("builtin:tiny-bpe"))
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("qwen2")
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 # ---------------------------------------------------------------- S3 API server (moto)
 
 

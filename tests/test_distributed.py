@@ -64,3 +64,15 @@ def test_two_ranks_on_an_s3_store(s3_store):
     m = read_manifest(ctx.store, "dp2s3", "stage2")
     shards = [o["path"] for o in m.outputs if o["path"].endswith(".distcp")]
     assert len(shards) == 2 and m.metrics["loss_last"] < m.metrics["loss_first"] * 1.05
+
+
+def test_a_qwen2_model_trains_through_the_engine(tmp_path, tiny_qwen2_dir):
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", [*FAST, f"model.path={tiny_qwen2_dir}",
+                                                          "model.tokenizer=builtin:tiny-bpe", "stage1.steps=8"])
+    ctx = RunContext(recipe=recipe, store=Store(str(tmp_path / "runs")), run="qwen")
+    publish_recipe(ctx)
+    run_stage(ctx, "data")
+    m = run_stage(ctx, "stage1").manifest
+    assert m.metrics["loss_last"] < m.metrics["loss_first"]
+    config = ctx.store.read_json("qwen/stage1/hf/config.json")
+    assert config["model_type"] == "qwen2" and config["rope_parameters"]["rope_theta"] == 8e6

@@ -111,6 +111,12 @@ def test_checkpoint_roundtrip_and_optimizer_only_hand_off(lm, tmp_path):
     before = {n: p.clone() for n, p in other.named_parameters()}
     other_opt = build_optimizer(other, cfg)
     ckpt.load(2, other, other_opt, model_too=False, restore_rng=False)
+    # weights only (a hand-off without keep_optimizer_state): fresh Adam state
+    weights_only = copy.deepcopy(other)
+    weights_opt = build_optimizer(weights_only, cfg)
+    ckpt.load(2, weights_only, weights_opt, optimizer_too=False, restore_rng=False)
+    assert all(torch.equal(p, q) for p, q in zip(lm.parameters(), weights_only.parameters()))
+    assert not weights_opt.state_dict()["state"]
     for n, p in other.named_parameters():
         assert torch.equal(p, before[n]), n
     src = opt.state_dict()["state"]
@@ -133,3 +139,14 @@ def test_a_checkpoint_from_another_model_shape_is_refused_in_one_line(lm, tmp_pa
     with pytest.raises(StageError, match="checkpoint does not match this model/optimizer") as err:
         Checkpointer(store, "r/stage1", WORLD).load(1, small, build_optimizer(small, cfg))
     assert "\n" not in str(err.value)
+
+
+def test_a_sample_longer_than_the_stage_length_is_refused():
+    from prolong.errors import DataError
+
+    with pytest.raises(DataError, match="samples have 600 tokens, the stage trains on 512"):
+        collate([sample(0, [600])], seq_len=512)
+    bad = sample(0, [10, 22])
+    bad["indices"] = bad["indices"][:1]  # documents that do not tile the sample
+    with pytest.raises(DataError, match="document indices do not tile its 32 tokens"):
+        collate([bad])

@@ -122,17 +122,23 @@ def _sdpa_documents(q, k, v, cu: list[int], scale, groups: int) -> torch.Tensor:
     return out
 
 
+_flex = {"cu": None, "mask": None, "fn": None}
+
+
 def _flex_documents(q, k, v, cu: torch.Tensor, scale, groups: int) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    if _flex["fn"] is None:  # uncompiled, flex_attention falls back to a slow reference path
+        _flex["fn"] = torch.compile(flex_attention, dynamic=False)
     total = q.shape[1]
-    doc_ids = torch.bucketize(torch.arange(total, device=q.device), cu[1:].to(q.device), right=True)
+    if _flex["cu"] is not cu:  # one block mask per micro-batch, shared by every layer
+        doc_ids = torch.bucketize(torch.arange(total, device=q.device), cu[1:].to(q.device), right=True)
 
-    def document_causal(b, h, q_idx, kv_idx):
-        return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx)
+        def document_causal(b, h, q_idx, kv_idx):
+            return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx)
 
-    mask = create_block_mask(document_causal, None, None, total, total, device=q.device)
-    out = flex_attention(q[None], k[None], v[None], block_mask=mask, scale=scale, enable_gqa=groups > 1)
+        _flex.update(cu=cu, mask=create_block_mask(document_causal, None, None, total, total, device=q.device))
+    out = _flex["fn"](q[None], k[None], v[None], block_mask=_flex["mask"], scale=scale, enable_gqa=groups > 1)
     return out[0]
 
 

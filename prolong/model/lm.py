@@ -19,6 +19,7 @@ class TrainingLM(nn.Module):
         super().__init__()
         self.lm = lm
         self.loss_chunk_size = loss_chunk_size
+        self.autocast_dtype: torch.dtype | None = None  # set by parallelize() when FSDP does not cast
 
     @property
     def backbone(self) -> nn.Module:
@@ -26,6 +27,8 @@ class TrainingLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
         """Σ token cross-entropy of the micro-batch (the trainer divides by the global token count)."""
-        hidden = self.backbone(input_ids=input_ids, use_cache=False, **layout.model_kwargs()).last_hidden_state
-        weight = self.lm.get_output_embeddings().weight
-        return chunked_cross_entropy_sum(hidden, weight, targets, self.loss_chunk_size)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            hidden = self.backbone(input_ids=input_ids, use_cache=False, **layout.model_kwargs()).last_hidden_state
+            weight = self.lm.get_output_embeddings().weight
+            return chunked_cross_entropy_sum(hidden, weight, targets, self.loss_chunk_size)

@@ -1,8 +1,10 @@
-"""Parallelism, in one place (torchtitan's pattern): the model code knows nothing of it.
+"""Parallelism and precision, in one place (torchtitan's pattern): the model code knows nothing of it.
 
 ``parallelize`` applies, in this fixed order, activation checkpointing per decoder layer →
-optional ``torch.compile`` per layer → FSDP2 full sharding (per layer, then the root) with bf16
-parameters and fp32 gradient reduction on GPUs (fp32 throughout on CPU).
+optional ``torch.compile`` per layer → FSDP2 full sharding (per layer, then the root). Parameters
+and optimizer states stay fp32 (the master copy); compute runs in ``param_dtype`` (bf16 on GPUs):
+FSDP2's mixed-precision policy casts per layer and reduces gradients in fp32, and a single rank
+without FSDP computes under autocast instead.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def parallelize(model: nn.Module, world: World, *, activation_checkpointing: boo
             # the last layer's parameters are needed again at once by backward: keep them gathered
             fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
         fully_shard(model, mp_policy=mp)
+    elif param_dtype != torch.float32:
+        model.autocast_dtype = param_dtype
     log.info("parallelize: activation checkpointing=%s compile=%s fsdp=%s (world %d)", activation_checkpointing,
              compile, world.distributed, world.world_size)
     return model

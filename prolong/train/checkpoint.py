@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     get_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
 from prolong.errors import StageError
 from prolong.parallel import World
@@ -124,24 +125,31 @@ class Checkpointer:
 
     # ------------------------------------------------------------ load
     def load(self, step: int, model, optimizer, *, prefix: str | None = None, model_too: bool = True,
-             restore_rng: bool = True) -> dict:
-        """Restore model and optimizer (or the optimizer alone) from a complete checkpoint."""
+             optimizer_too: bool = True, restore_rng: bool = True) -> dict:
+        """Restore model and/or optimizer from a complete checkpoint (another stage's, with `prefix`)."""
         rel = f"{prefix or self.prefix}/{step_dir(step)}"
         local = self._local_dir(rel, download=True)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd} if model_too else {"optim": optim_sd}
+        # ask only for what is loaded: requesting the optimizer's state dict initialises Adam's state
+        # (a zero step), which must not happen when only weights are taken over
+        state = {}
+        if model_too:
+            state["model"] = get_model_state_dict(model)
+        if optimizer_too:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
         try:
             dcp.load(state, checkpoint_id=str(local / "dcp"))
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException with rank tracebacks
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise StageError(f"{self.store.uri(rel)}: checkpoint does not match this model/optimizer ({first})") from None
-        set_state_dict(model, optimizer, model_state_dict=state.get("model", model_sd) if model_too else {},
-                       optim_state_dict=state["optim"], options=StateDictOptions(strict=model_too))
+        if model_too:
+            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+        if optimizer_too:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
         trainer_state = json.loads((local / "trainer.json").read_text()) if (local / "trainer.json").exists() else {}
         rng_file = local / f"rng_rank{self.world.rank}.pt"
         if restore_rng and rng_file.exists() and trainer_state.get("world_size") == self.world.world_size:
             set_rng_state(torch.load(rng_file, weights_only=False))
-        log.info("checkpoint loaded: %s (%s)", self.store.uri(rel), "model+optimizer" if model_too else "optimizer")
+        log.info("checkpoint loaded: %s (%s)", self.store.uri(rel), "+".join(k for k in state))
         return trainer_state
 
     def close(self) -> None:

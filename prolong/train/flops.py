@@ -33,8 +33,9 @@ class FlopCounter:
     @classmethod
     def for_model(cls, lm) -> "FlopCounter":
         config = lm.config
-        embedding = lm.get_input_embeddings().weight.numel()
-        n = sum(p.numel() for p in lm.parameters()) - embedding
+        embedding = lm.get_input_embeddings().weight
+        tied = lm.get_output_embeddings().weight is embedding  # then it is the output matmul too
+        n = sum(p.numel() for p in lm.parameters()) - (0 if tied else embedding.numel())
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(matmul_params=n, layers=config.num_hidden_layers, attention_width=config.num_attention_heads * head_dim)
 

@@ -91,6 +91,12 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target
     keep = targets != IGNORE
     if not bool(keep.all()):  # SFT masks, document ends: project only positions with a target
         hidden, targets = hidden[keep], targets[keep]
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # cast once here; the chunks then run without autocast
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return chunked_cross_entropy_sum(hidden, weight, targets, chunk_size)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
     total = hidden.new_zeros((), dtype=torch.float32)

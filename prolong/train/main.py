@@ -50,7 +50,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainStageConfig) -> torch.opti
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=False, foreach=False)
+    on_gpu = any(p.is_cuda for p in params)  # fused CUDA kernel on GPUs; the plain loop on CPUs
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=on_gpu or None,
+                             foreach=False if not on_gpu else None)
 
 
 def _reset_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainStageConfig) -> None:
@@ -71,11 +73,13 @@ def _upstream_model_dir(store: Store, run: str, init: str, world: World, scratch
     return str(local)
 
 
-def export_hf(model: TrainingLM, tokenizer, out: Path, world: World) -> None:
-    """Full (unsharded) weights as HF safetensors + config (with this stage's θ) + tokenizer."""
+def export_hf(model: TrainingLM, tokenizer, out: Path, world: World, dtype: torch.dtype) -> None:
+    """Full (unsharded) weights in the model's dtype as HF safetensors + config (with this stage's θ)
+    + tokenizer. The fp32 master weights stay in the DCP checkpoint, which the next stage starts from."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.is_main:
-        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        state = {k.removeprefix("lm."): v.to(dtype) for k, v in state.items()}
+        model.lm.config.dtype = dtype
         model.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
@@ -94,14 +98,18 @@ def _restore(ckpt: Checkpointer, rec: StageRecorder, model, optimizer, recipe: R
         log.info("resuming %s at step %d", stage, saved["step"])
         state = TrainerState(step=saved["step"], samples_seen=saved["samples_seen"], tokens_seen=saved["tokens_seen"])
         return latest, state, saved.get("loader"), saved.get("scheduler")
-    if cfg.keep_optimizer_state:
-        init = recipe.init_source(stage)
+    init = recipe.init_source(stage)
+    if init != "model":
+        # Hand-off: the upstream stage's final checkpoint holds its fp32 master weights (the HF export
+        # is in the model's dtype) and, with keep_optimizer_state, the Adam moments to carry over.
         upstream_ckpt = f"{stage_prefix(run, init)}/checkpoints"
         steps = ckpt.complete_steps(upstream_ckpt)
         if not steps:
-            raise StageError(f"{stage}.keep_optimizer_state: {init} left no complete checkpoint to take Adam moments from")
-        ckpt.load(steps[-1], model, optimizer, prefix=upstream_ckpt, model_too=False, restore_rng=False)
-        _reset_hyperparameters(optimizer, cfg)
+            raise StageError(f"{stage}: {init} left no complete checkpoint to start from")
+        ckpt.load(steps[-1], model, optimizer, prefix=upstream_ckpt, optimizer_too=cfg.keep_optimizer_state,
+                  restore_rng=False)
+        if cfg.keep_optimizer_state:
+            _reset_hyperparameters(optimizer, cfg)
     return None, TrainerState(), None, None
 
 
@@ -147,7 +155,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     with tempfile.TemporaryDirectory(prefix=f"prolong-{stage}-") as tmp_:
         tmp = Path(tmp_)  # this rank's own
         model_ref = recipe.model.path if init == "model" else _upstream_model_dir(store, run, init, world, scratch)
-        lm = load_model(model_ref, rope_theta=cfg.rope_theta, seq_len=cfg.seq_len, dtype=recipe.model.dtype,
+        # fp32 parameters: the master weights AdamW updates; parallelize() sets the bf16 compute
+        lm = load_model(model_ref, rope_theta=cfg.rope_theta, seq_len=cfg.seq_len, dtype="float32",
                         revision=recipe.model.revision if init == "model" else None, device=world.device,
                         field=stage)
         attention.select_backend(recipe.model.attention, world.device)
@@ -184,7 +193,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                           callbacks=callbacks, state=state, save_checkpoint=save, flops=FlopCounter.for_model(lm),
                           peak_flops=peak_flops(world.device, recipe.jobs.peak_tflops))
         trainer.fit()
-        export_hf(model, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world)
+        export_hf(model, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world,
+                  DTYPES[recipe.model.dtype])
         if world.is_main:
             _finish(rec, store, trainer, cfg, resumed_from, tmp / "hf", accumulation, world)
         ckpt.close()

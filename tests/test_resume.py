@@ -1,0 +1,77 @@
+"""Resume is exact: a training job killed with SIGKILL at a random step and resumed ends with weights
+bit-identical to an uninterrupted run (model, optimizer, schedule, data position and RNG restored)."""
+
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prolong.config import load_recipe
+from prolong.errors import StageError
+from prolong.jobs import JobState
+from prolong.pipeline import RunContext, job_spec, publish_recipe, run_stage
+from prolong.store import Store
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+OVERRIDES = [f"stage1.steps={STEPS}", "stage1.checkpoint_every=1", "stage1.batch_tokens=2K", "stage2.steps=1",
+             "sft.steps=1"]
+
+
+def context(tmp_path, run: str, overrides=OVERRIDES) -> RunContext:
+    ctx = RunContext(recipe=load_recipe(ROOT / "recipes" / "tiny.yaml", overrides), store=Store(str(tmp_path / "runs")),
+                     run=run)
+    publish_recipe(ctx)
+    run_stage(ctx, "data")
+    return ctx
+
+
+def weights(ctx: RunContext) -> dict:
+    return load_file(str(ctx.store.local_path(f"{ctx.run}/stage1/hf/model.safetensors")))
+
+
+def test_kill_9_at_a_random_step_then_resume_gives_bit_identical_weights(tmp_path):
+    straight = context(tmp_path, "straight")
+    run_stage(straight, "stage1")
+
+    killed = context(tmp_path, "killed")
+    seed = int.from_bytes(os.urandom(4), "little")
+    kill_after = random.Random(seed).randint(1, STEPS - 2)
+    job = killed.backend.submit(job_spec(killed, "stage1", "first"))
+    marker = killed.store.local_path(f"killed/stage1/checkpoints/step_{kill_after:08d}/COMPLETE")
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline and job.poll() == JobState.RUNNING:
+        time.sleep(0.05)
+    assert marker.exists(), f"no checkpoint at step {kill_after} (seed {seed})"
+    os.killpg(job.proc.pid, signal.SIGKILL)  # the whole job, mid-step: no handler runs
+    assert job.wait() == JobState.FAILED
+
+    result = run_stage(killed, "stage1")
+    assert result.manifest.metrics["resumed_from_step"] >= kill_after, seed
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resuming from step {kill_after} (seed {seed})"
+
+
+def test_checkpoints_of_other_inputs_are_refused_not_overwritten(tmp_path):
+    ctx = context(tmp_path, "r")
+    job = ctx.backend.submit(job_spec(ctx, "stage1", "first"))
+    marker = ctx.store.local_path("r/stage1/checkpoints/step_00000002/COMPLETE")
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline and job.poll() == JobState.RUNNING:
+        time.sleep(0.05)
+    job.cancel(grace_s=1)
+    changed = RunContext(recipe=load_recipe(ROOT / "recipes" / "tiny.yaml", [*OVERRIDES, "stage1.lr=0.001"]),
+                         store=ctx.store, run="r")
+    publish_recipe(changed)
+    with pytest.raises(StageError) as err:
+        run_stage(changed, "stage1")
+    assert "were made for other inputs" in str(err.value) and "--from-stage stage1" in str(err.value)
+    assert marker.exists()  # nothing was deleted
+    assert run_stage(changed, "stage1", force=True).manifest.metrics["resumed_from_step"] is None
