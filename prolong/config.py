@@ -256,6 +256,16 @@ class EvalConfig(_Config):
     lm_eval: LmEvalConfig | None = None
 
 
+# ---------------------------------------------------------------- parallelism
+
+
+class ParallelConfig(_Config):
+    """How training shards the model: FSDP2 (default) or DeepSpeed ZeRO."""
+
+    engine: Literal["fsdp", "deepspeed"] = "fsdp"
+    zero_stage: Literal[2, 3] = 3  # DeepSpeed only
+
+
 # ---------------------------------------------------------------- jobs
 
 
@@ -280,6 +290,7 @@ class Recipe(_Config):
     stage2: TrainStageConfig | None = None
     sft: TrainStageConfig | None = None
     eval: EvalConfig | None = None
+    parallel: ParallelConfig = ParallelConfig()
     jobs: JobsConfig = JobsConfig()
 
     def train_stage(self, name: str) -> TrainStageConfig:

@@ -70,7 +70,7 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
                  for s in recipe.present_train_stages()}
         return {"data": r["data"], "tokenizer": recipe.model.tokenizer_path, "needs": needs}
     if stage in TRAIN_STAGES:
-        out = {"stage": r[stage], "init_from": recipe.init_source(stage), "seed": recipe.seed}
+        out = {"stage": r[stage], "init_from": recipe.init_source(stage), "seed": recipe.seed, "parallel": r["parallel"]}
         if out["init_from"] == "model":
             out["model"] = r["model"]
         else:

@@ -13,8 +13,8 @@ from prolong.parallel import World
 from prolong.store import Store
 from prolong.train.batch import collate
 from prolong.train.checkpoint import Checkpointer
-from prolong.train.main import accumulation_steps, build_optimizer
-from prolong.train.schedule import build_scheduler
+from prolong.parallel.engine import Engine
+from prolong.train.main import accumulation_steps
 from prolong.train.trainer import Trainer
 from tests.conftest import ROOT
 
@@ -40,11 +40,10 @@ def lm(tiny_model_dir):
 
 def one_step_grads(model, micro_batches, reorder=False):
     cfg = load_recipe(ROOT / "recipes" / "tiny.yaml", [f"stage1.reorder_minibatches={reorder}"]).stage1
-    opt = build_optimizer(model, cfg)
-    trainer = Trainer(model, opt, build_scheduler(opt, 10, 0.1, 0.1), iter([]), cfg, WORLD,
-                      accumulation=len(micro_batches), callbacks=[])
-    opt.step = lambda *a, **k: None  # keep the gradients to compare them
-    opt.zero_grad = lambda *a, **k: None
+    engine = Engine(model, cfg, WORLD)
+    trainer = Trainer(engine, iter([]), cfg, WORLD, accumulation=len(micro_batches), callbacks=[])
+    engine.optimizer.step = lambda *a, **k: None  # keep the gradients to compare them
+    engine.optimizer.zero_grad = lambda *a, **k: None
     metrics = trainer.train_step(micro_batches)
     return metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -78,58 +77,60 @@ def test_batch_size_that_does_not_divide_is_a_clear_error():
         accumulation_steps(cfg, "stage1", 3)
 
 
-def train_a_little(model, opt, steps=2):
+def train_a_little(engine, steps=2):
     for i in range(steps):
-        model(*(lambda mb: (mb.input_ids, mb.targets, mb.layout("cpu")))(collate([sample(i, [16, 16])]))).backward()
-        opt.step()
-        opt.zero_grad()
+        mb = collate([sample(i, [16, 16])])
+        engine.backward(engine(mb.input_ids, mb.targets, mb.layout("cpu")), last_micro_batch=True)
+        engine.step()
 
 
 def test_checkpoint_roundtrip_and_optimizer_only_hand_off(lm, tmp_path):
     cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").stage1
     store = Store(str(tmp_path / "runs"))
-    opt = build_optimizer(lm, cfg)
-    train_a_little(lm, opt)
+    engine = Engine(lm, cfg, WORLD)
+    train_a_little(engine)
     ckpt = Checkpointer(store, "r/stage1", WORLD)
-    ckpt.save(2, lm, opt, {"step": 2, "input_key": "k"})
+    ckpt.save(2, engine, {"step": 2, "input_key": "k"})
     assert ckpt.latest() == 2 and store.exists("r/stage1/checkpoints/step_00000002/COMPLETE")
 
     # full resume: same weights and moments
     fresh = copy.deepcopy(lm)
     for p in fresh.parameters():
         p.data.zero_()
-    fresh_opt = build_optimizer(fresh, cfg)
-    state = ckpt.load(2, fresh, fresh_opt)
+    fresh_engine = Engine(fresh, cfg, WORLD)
+    state = ckpt.load(2, fresh_engine)
     assert state["step"] == 2 and state["input_key"] == "k"
     for (n, p), q in zip(lm.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), n
-    # moments only (stage 2 with keep_optimizer_state): weights untouched, Adam state carried over
+    # moments only: weights untouched, Adam state carried over
     other = copy.deepcopy(lm)
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1.0)
     before = {n: p.clone() for n, p in other.named_parameters()}
-    other_opt = build_optimizer(other, cfg)
-    ckpt.load(2, other, other_opt, model_too=False, restore_rng=False)
-    # weights only (a hand-off without keep_optimizer_state): fresh Adam state
-    weights_only = copy.deepcopy(other)
-    weights_opt = build_optimizer(weights_only, cfg)
-    ckpt.load(2, weights_only, weights_opt, optimizer_too=False, restore_rng=False)
-    assert all(torch.equal(p, q) for p, q in zip(lm.parameters(), weights_only.parameters()))
-    assert not weights_opt.state_dict()["state"]
+    other_engine = Engine(other, cfg, WORLD)
+    ckpt.load(2, other_engine, model_too=False, restore_rng=False)
     for n, p in other.named_parameters():
         assert torch.equal(p, before[n]), n
-    src = opt.state_dict()["state"]
-    dst = other_opt.state_dict()["state"]
+    src, dst = engine.optimizer.state_dict()["state"], other_engine.optimizer.state_dict()["state"]
     assert all(torch.equal(src[i]["exp_avg"], dst[i]["exp_avg"]) for i in src)
+    # the next stage restarts its schedule at its own LR even with the moments carried over
+    other_engine.restart_schedule()
+    assert other_engine.lr == pytest.approx(cfg.lr * 0.5 ** 0 / round(cfg.warmup_ratio * cfg.steps))
+    # weights only (a hand-off without keep_optimizer_state): fresh Adam state
+    weights_only = copy.deepcopy(other)
+    weights_engine = Engine(weights_only, cfg, WORLD)
+    ckpt.load(2, weights_engine, optimizer_too=False, restore_rng=False)
+    assert all(torch.equal(p, q) for p, q in zip(lm.parameters(), weights_only.parameters()))
+    assert not weights_engine.optimizer.state_dict()["state"]
 
 
 def test_a_checkpoint_from_another_model_shape_is_refused_in_one_line(lm, tmp_path, tiny_model_dir):
     cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").stage1
     store = Store(str(tmp_path / "runs"))
-    opt = build_optimizer(lm, cfg)
-    train_a_little(lm, opt, 1)
-    Checkpointer(store, "r/stage1", WORLD).save(1, lm, opt, {"step": 1})
+    engine = Engine(lm, cfg, WORLD)
+    train_a_little(engine, 1)
+    Checkpointer(store, "r/stage1", WORLD).save(1, engine, {"step": 1})
     from transformers import AutoConfig, LlamaForCausalLM
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
@@ -137,7 +138,7 @@ def test_a_checkpoint_from_another_model_shape_is_refused_in_one_line(lm, tmp_pa
     config.hidden_size = 64
     small = TrainingLM(LlamaForCausalLM(config))
     with pytest.raises(StageError, match="checkpoint does not match this model/optimizer") as err:
-        Checkpointer(store, "r/stage1", WORLD).load(1, small, build_optimizer(small, cfg))
+        Checkpointer(store, "r/stage1", WORLD).load(1, Engine(small, cfg, WORLD))
     assert "\n" not in str(err.value)
 
 

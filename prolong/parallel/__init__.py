@@ -95,8 +95,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def parallelize(model: nn.Module, world: World, *, activation_checkpointing: bool, compile: bool,
-                param_dtype: torch.dtype) -> nn.Module:
-    """Apply AC → compile → FSDP2 to `model` (the training wrapper around the HF model)."""
+                param_dtype: torch.dtype, shard: bool = True) -> nn.Module:
+    """Apply AC → compile → FSDP2 to `model` (the training wrapper around the HF model).
+
+    ``shard=False`` stops after compile: the DeepSpeed engine shards and casts the model itself.
+    """
     layers = decoder_layers(model)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -106,7 +109,9 @@ def parallelize(model: nn.Module, world: World, *, activation_checkpointing: boo
     if compile:
         for i, layer in enumerate(layers):
             layers[i] = torch.compile(layer, fullgraph=False)
-    if world.distributed:
+    if not shard:
+        pass
+    elif world.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -117,5 +122,5 @@ def parallelize(model: nn.Module, world: World, *, activation_checkpointing: boo
     elif param_dtype != torch.float32:
         model.autocast_dtype = param_dtype
     log.info("parallelize: activation checkpointing=%s compile=%s fsdp=%s (world %d)", activation_checkpointing,
-             compile, world.distributed, world.world_size)
+             compile, shard and world.distributed, world.world_size)
     return model

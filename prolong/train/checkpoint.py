@@ -1,9 +1,10 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), kept in the artifact store.
+"""Sharded checkpoints, kept in the artifact store.
 
-``{run}/{stage}/checkpoints/step_00000040/`` holds the DCP shards of model and optimizer, the
-trainer state (step, scheduler, data-loader position) as JSON, each rank's RNG state, and — written
-last — ``COMPLETE``. Only complete checkpoints are ever resumed from; older ones are pruned after a
-newer one completes. Shards are written to a local staging folder and then uploaded (for a local
+``{run}/{stage}/checkpoints/step_00000040/`` holds the engine's shards of model and optimizer
+(torch.distributed.checkpoint for FSDP2, DeepSpeed's format for ZeRO), the trainer state (step,
+scheduler, data-loader position, input key, θ) as JSON, each rank's RNG state, and — written last —
+``COMPLETE``. Only complete checkpoints are ever resumed from; older ones are pruned after a newer
+one completes. Shards are written to a node-shared staging folder and then uploaded (for a local
 store, written in place).
 """
 
@@ -19,10 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     get_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
 from prolong.errors import StageError
 from prolong.parallel import World
@@ -95,15 +93,14 @@ class Checkpointer:
         return local
 
     # ------------------------------------------------------------ save
-    def save(self, step: int, model, optimizer, trainer_state: dict) -> str:
+    def save(self, step: int, engine, trainer_state: dict) -> str:
         rel = f"{self.prefix}/{step_dir(step)}"
         local = self._local_dir(rel, download=False)
         if self.world.is_main and self.store.exists(rel):
             self.store.delete(rel)  # an incomplete leftover of a crashed save
         _barrier(self.world)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local / "dcp"))
         local.mkdir(parents=True, exist_ok=True)
+        engine.save_state(local)
         torch.save(rng_state(), local / f"rng_rank{self.world.rank}.pt")
         if self.world.is_main:
             (local / "trainer.json").write_text(json.dumps({**trainer_state, "world_size": self.world.world_size}, indent=2))
@@ -124,32 +121,22 @@ class Checkpointer:
                 self.store.delete(f"{self.prefix}/{step_dir(step)}")
 
     # ------------------------------------------------------------ load
-    def load(self, step: int, model, optimizer, *, prefix: str | None = None, model_too: bool = True,
+    def load(self, step: int, engine, *, prefix: str | None = None, model_too: bool = True,
              optimizer_too: bool = True, restore_rng: bool = True) -> dict:
         """Restore model and/or optimizer from a complete checkpoint (another stage's, with `prefix`)."""
         rel = f"{prefix or self.prefix}/{step_dir(step)}"
         local = self._local_dir(rel, download=True)
-        # ask only for what is loaded: requesting the optimizer's state dict initialises Adam's state
-        # (a zero step), which must not happen when only weights are taken over
-        state = {}
-        if model_too:
-            state["model"] = get_model_state_dict(model)
-        if optimizer_too:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
         try:
-            dcp.load(state, checkpoint_id=str(local / "dcp"))
+            engine.load_state(local, model=model_too, optimizer=optimizer_too)
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException with rank tracebacks
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise StageError(f"{self.store.uri(rel)}: checkpoint does not match this model/optimizer ({first})") from None
-        if model_too:
-            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
-        if optimizer_too:
-            set_optimizer_state_dict(model, optimizer, state["optim"])
         trainer_state = json.loads((local / "trainer.json").read_text()) if (local / "trainer.json").exists() else {}
         rng_file = local / f"rng_rank{self.world.rank}.pt"
         if restore_rng and rng_file.exists() and trainer_state.get("world_size") == self.world.world_size:
             set_rng_state(torch.load(rng_file, weights_only=False))
-        log.info("checkpoint loaded: %s (%s)", self.store.uri(rel), "+".join(k for k in state))
+        log.info("checkpoint loaded: %s (%s)", self.store.uri(rel),
+                 "+".join(k for k, on in (("model", model_too), ("optimizer", optimizer_too)) if on))
         return trainer_state
 
     def close(self) -> None:

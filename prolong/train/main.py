@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from prolong.config import Recipe, TrainStageConfig
 from prolong.data.mds import mixture_dataset, stage_streams
@@ -25,13 +24,13 @@ from prolong.manifest import StageRecorder, stage_prefix
 from prolong.model import attention
 from prolong.model.lm import TrainingLM
 from prolong.model.load import DTYPES, load_model
-from prolong.parallel import World, init_world, node_scratch, parallelize, remove_scratch
+from prolong.parallel import World, init_world, node_scratch, remove_scratch
+from prolong.parallel.engine import Engine, build_engine
 from prolong.store import Store
 from prolong.train.batch import collate
 from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile, StageReport
 from prolong.train.flops import FlopCounter, peak_flops
 from prolong.train.checkpoint import Checkpointer, step_dir
-from prolong.train.schedule import build_scheduler
 from prolong.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger(__name__)
@@ -43,22 +42,6 @@ def accumulation_steps(cfg: TrainStageConfig, stage: str, data_parallel: int) ->
         raise ConfigError(f"{stage}.batch_tokens: {cfg.global_batch_size} sequences per step do not divide into "
                           f"micro-batches of {cfg.micro_batch_size} on {data_parallel} data-parallel ranks")
     return cfg.global_batch_size // per_pass
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainStageConfig) -> torch.optim.Optimizer:
-    """AdamW; norms and biases (1-D parameters) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    on_gpu = any(p.is_cuda for p in params)  # fused CUDA kernel on GPUs; the plain loop on CPUs
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=on_gpu or None,
-                             foreach=False if not on_gpu else None)
-
-
-def _reset_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainStageConfig) -> None:
-    """After carrying moments over, this stage's LR, betas and decay apply (the schedule restarts)."""
-    for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
-        group.update(lr=cfg.lr, initial_lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=decay)
 
 
 def _upstream_model_dir(store: Store, run: str, init: str, world: World, scratch: Path) -> str:
@@ -73,18 +56,18 @@ def _upstream_model_dir(store: Store, run: str, init: str, world: World, scratch
     return str(local)
 
 
-def export_hf(model: TrainingLM, tokenizer, out: Path, world: World, dtype: torch.dtype) -> None:
+def export_hf(engine: Engine, lm, tokenizer, out: Path, world: World, dtype: torch.dtype) -> None:
     """Full (unsharded) weights in the model's dtype as HF safetensors + config (with this stage's θ)
-    + tokenizer. The fp32 master weights stay in the DCP checkpoint, which the next stage starts from."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    + tokenizer. The fp32 master weights stay in the checkpoint, which the next stage starts from."""
+    state = engine.full_state_dict()
     if world.is_main:
-        state = {k.removeprefix("lm."): v.to(dtype) for k, v in state.items()}
-        model.lm.config.dtype = dtype
-        model.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
+        state = {k: v.to(dtype) for k, v in state.items()}
+        lm.config.dtype = dtype
+        lm.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
 
-def _restore(ckpt: Checkpointer, rec: StageRecorder, model, optimizer, recipe: Recipe, run: str, stage: str):
+def _restore(ckpt: Checkpointer, rec: StageRecorder, engine: Engine, recipe: Recipe, run: str, stage: str):
     """Resume this stage from its newest checkpoint made for the same inputs, or — on a fresh
     start with ``keep_optimizer_state`` — take Adam's moments from the upstream stage."""
     cfg = recipe.train_stage(stage)
@@ -94,7 +77,7 @@ def _restore(ckpt: Checkpointer, rec: StageRecorder, model, optimizer, recipe: R
         raise StageError(f"{stage}: checkpoints in {ckpt.store.uri(ckpt.prefix)} were made for other inputs "
                          f"(a different recipe or upstream stage); re-run with --from-stage {stage} to discard them")
     if latest is not None:
-        saved = ckpt.load(latest, model, optimizer)
+        saved = ckpt.load(latest, engine)
         log.info("resuming %s at step %d", stage, saved["step"])
         state = TrainerState(step=saved["step"], samples_seen=saved["samples_seen"], tokens_seen=saved["tokens_seen"])
         return latest, state, saved.get("loader"), saved.get("scheduler")
@@ -106,10 +89,9 @@ def _restore(ckpt: Checkpointer, rec: StageRecorder, model, optimizer, recipe: R
         steps = ckpt.complete_steps(upstream_ckpt)
         if not steps:
             raise StageError(f"{stage}: {init} left no complete checkpoint to start from")
-        ckpt.load(steps[-1], model, optimizer, prefix=upstream_ckpt, optimizer_too=cfg.keep_optimizer_state,
-                  restore_rng=False)
+        ckpt.load(steps[-1], engine, prefix=upstream_ckpt, optimizer_too=cfg.keep_optimizer_state, restore_rng=False)
         if cfg.keep_optimizer_state:
-            _reset_hyperparameters(optimizer, cfg)
+            engine.restart_schedule()
     return None, TrainerState(), None, None
 
 
@@ -160,15 +142,12 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                         revision=recipe.model.revision if init == "model" else None, device=world.device,
                         field=stage)
         attention.select_backend(recipe.model.attention, world.device)
-        model = parallelize(TrainingLM(lm, cfg.loss_chunk_size), world,
-                            activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                            param_dtype=DTYPES[recipe.model.dtype])
-        optimizer = build_optimizer(model, cfg)
+        engine = build_engine(TrainingLM(lm, cfg.loss_chunk_size), cfg, recipe.parallel, world,
+                              DTYPES[recipe.model.dtype])
         ckpt = Checkpointer(store, rec.prefix, world, staging=scratch / "checkpoints")
-        resumed_from, state, loader_state, scheduler_state = _restore(ckpt, rec, model, optimizer, recipe, run, stage)
-        scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+        resumed_from, state, loader_state, scheduler_state = _restore(ckpt, rec, engine, recipe, run, stage)
         if scheduler_state:
-            scheduler.load_state_dict(scheduler_state)
+            engine.scheduler.load_state_dict(scheduler_state)
         if world.is_main:
             rec.invalidate()  # only now, with every input checked: a failed start changes nothing
 
@@ -182,18 +161,18 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
         def save(trainer: Trainer) -> None:
             loader_pos = dataset.state_dict(num_samples=trainer.state.samples_seen, from_beginning=True) \
                 if world.is_main else None
-            ckpt.save(trainer.state.step, model, optimizer,
-                      {**trainer.state_dict(), "loader": loader_pos, "input_key": rec.input_key,
+            ckpt.save(trainer.state.step, engine,
+                      {**trainer.state_dict(), "loader": loader_pos, "input_key": rec.input_key, "engine": engine.name,
                        "rope_theta": cfg.rope_theta, "seq_len": cfg.seq_len})
 
         callbacks = [ConsoleLogger(), MetricsFile(store, rec.rel("metrics.jsonl"), tmp / "metrics.jsonl"),
                      ProgressFile(store, rec.rel("progress.json"), stage), Checkpointing(cfg.checkpoint_every),
                      StageReport(store, rec.prefix, stage, tmp / "metrics.jsonl", tmp)]
-        trainer = Trainer(model, optimizer, scheduler, iter(loader), cfg, world, accumulation=accumulation,
+        trainer = Trainer(engine, iter(loader), cfg, world, accumulation=accumulation,
                           callbacks=callbacks, state=state, save_checkpoint=save, flops=FlopCounter.for_model(lm),
                           peak_flops=peak_flops(world.device, recipe.jobs.peak_tflops))
         trainer.fit()
-        export_hf(model, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world,
+        export_hf(engine, lm, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world,
                   DTYPES[recipe.model.dtype])
         if world.is_main:
             _finish(rec, store, trainer, cfg, resumed_from, tmp / "hf", accumulation, world)

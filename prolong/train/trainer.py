@@ -22,6 +22,7 @@ import torch
 from prolong.config import TrainStageConfig
 from prolong.errors import StageError
 from prolong.parallel import World, all_reduce_sum
+from prolong.parallel.engine import Engine
 from prolong.train.batch import MicroBatch
 from prolong.train.callbacks import Callback
 from prolong.train.flops import FlopCounter
@@ -37,11 +38,11 @@ class TrainerState:
 
 
 class Trainer:
-    def __init__(self, model, optimizer, scheduler, batches: Iterator[MicroBatch], cfg: TrainStageConfig, world: World,
+    def __init__(self, engine: Engine, batches: Iterator[MicroBatch], cfg: TrainStageConfig, world: World,
                  *, accumulation: int, callbacks: list[Callback], state: TrainerState | None = None,
                  save_checkpoint: Callable[["Trainer"], None] | None = None, flops: FlopCounter | None = None,
                  peak_flops: float | None = None):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.engine = engine
         self.batches, self.cfg, self.world = batches, cfg, world
         self.accumulation = accumulation
         self.callbacks = callbacks
@@ -60,11 +61,6 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_checkpoint(self)
 
-    def _set_gradient_sync(self, enabled: bool) -> None:
-        # FSDP2: reduce-scatter gradients only after the last micro-batch of the step
-        if hasattr(self.model, "set_requires_gradient_sync"):
-            self.model.set_requires_gradient_sync(enabled)
-
     def train_step(self, micro_batches: list[MicroBatch]) -> dict:
         t0 = time.perf_counter()
         if self.cfg.reorder_minibatches:
@@ -75,21 +71,15 @@ class Trainer:
             raise RuntimeError(f"step {self.state.step + 1}: no token of the batch has a target (all masked)")
         # FSDP averages gradients over ranks; scale so the result is Σ losses / global token count
         scale = self.world.world_size / global_targets
-        self.model.train()
+        self.engine.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        lr = self.engine.lr
         for i, mb in enumerate(micro_batches):
-            self._set_gradient_sync(i == len(micro_batches) - 1)
             mb = mb.to(self.world.device)
-            loss = self.model(mb.input_ids, mb.targets, mb.layout(self.world.device))
-            (loss * scale).backward()
+            loss = self.engine(mb.input_ids, mb.targets, mb.layout(self.world.device))
+            self.engine.backward(loss * scale, last_micro_batch=i == len(micro_batches) - 1)
             loss_sum += loss.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step()
 
         loss_total = all_reduce_sum(loss_sum.item(), self.world)
         if not math.isfinite(loss_total) or not math.isfinite(float(grad_norm)):
@@ -133,4 +123,4 @@ class Trainer:
         return self.history
 
     def state_dict(self) -> dict:
-        return {**asdict(self.state), "scheduler": self.scheduler.state_dict()}
+        return {**asdict(self.state), "scheduler": self.engine.scheduler.state_dict()}
