@@ -71,12 +71,6 @@ class DeepSpeedEngine(Engine):
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def restart_schedule(self) -> None:
-        for group, decay, base in zip(self.optimizer.param_groups, (self.cfg.optim.weight_decay, 0.0),
-                                      self.scheduler.base_lrs):
-            group.update(initial_lr=self.cfg.lr, betas=self.cfg.optim.betas, eps=self.cfg.optim.eps,
-                         weight_decay=decay, lr=base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch))
-
     def save_state(self, folder: Path) -> None:
         self.ds.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
