@@ -8,7 +8,8 @@ through this project's engine: document-masked attention (backend `auto`), activ
 checkpointing, bf16 compute, fused chunked cross-entropy. `single`: one 64K document per sequence
 (nominal MFU = document-aware MFU); `packed`: documents of ShortMix-like lengths. Prints one JSON
 line (goal ≥ 44% nominal MFU; ProLong reports 31%) and writes ``bench/results/train_throughput-<gpu>.json``.
-Needs a CUDA GPU.
+Needs a CUDA GPU; ``--smoke`` runs a few steps of a narrow model on whatever device there is (CPU
+too) to check the script, and writes nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ def main() -> int:
     parser.add_argument("--layout", choices=["single", "packed"], default="single")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="narrow model, any device, nothing written")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.smoke:
+        args.layers, args.seq, args.steps, args.warmup = 2, 1024, 2, 1
+    elif not torch.cuda.is_available():
         print("train_throughput: needs a CUDA GPU; none is visible", file=sys.stderr)
         return 2
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,17 +48,21 @@ def main() -> int:
     from prolong.config import load_recipe
     from prolong.model import attention
     from prolong.model.lm import TrainingLM
-    from prolong.parallel import World, parallelize
+    from prolong.parallel import World
     from prolong.train.batch import collate
+    from prolong.parallel.engine import build_engine
     from prolong.train.flops import FlopCounter, peak_flops
-    from prolong.train.main import build_optimizer
-    from prolong.train.schedule import build_scheduler
     from prolong.train.trainer import Trainer
 
-    device = torch.device("cuda")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
     world = World(rank=0, world_size=1, local_rank=0, device=device)
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                         num_hidden_layers=args.layers, vocab_size=128256, max_position_embeddings=args.seq,
+    width = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256)
+    if args.smoke:
+        width = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                     vocab_size=4096)
+    config = LlamaConfig(**width, num_hidden_layers=args.layers, max_position_embeddings=args.seq,
                          rope_theta=8e6, tie_word_embeddings=False)
     attention.register()
     config._attn_implementation = attention.ATTN_IMPLEMENTATION
@@ -62,13 +70,13 @@ def main() -> int:
     with torch.device(device):
         lm = LlamaForCausalLM(config)
     backend = attention.select_backend(args.attention, device)
-    model = parallelize(TrainingLM(lm, loss_chunk_size=8192), world, activation_checkpointing=True,
-                        compile=args.compile, param_dtype=torch.bfloat16)
-    cfg = load_recipe(ROOT / "recipes" / "prolong-8b.yaml", [f"stage1.seq_len={args.seq}",
-                                                             f"stage1.batch_tokens={args.seq}"]).stage1
-    optimizer = build_optimizer(model, cfg)
-    trainer = Trainer(model, optimizer, build_scheduler(optimizer, 1000, 0.0, 0.1), iter([]), cfg, world, accumulation=1,
-                      callbacks=[], flops=FlopCounter.for_model(lm), peak_flops=peak_flops(device))
+    recipe = load_recipe(ROOT / "recipes" / ("tiny.yaml" if args.smoke else "prolong-8b.yaml"), [
+        f"stage1.seq_len={args.seq}", f"stage1.batch_tokens={args.seq}", f"stage1.compile={args.compile}",
+        "stage1.activation_checkpointing=true", "stage1.steps=1000"])
+    engine = build_engine(TrainingLM(lm, loss_chunk_size=8192), recipe.stage1, recipe.parallel, world,
+                          torch.bfloat16 if cuda else torch.float32)
+    trainer = Trainer(engine, iter([]), recipe.stage1, world, accumulation=1, callbacks=[],
+                      flops=FlopCounter.for_model(lm), peak_flops=peak_flops(device) if cuda else None)
     g = torch.Generator().manual_seed(0)
 
     def batch():
@@ -86,12 +94,19 @@ def main() -> int:
 
     rows = []
     for step in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         m = trainer.train_step([batch()])
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         if step >= args.warmup:
             rows.append(m)
-    med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
+    med = lambda k: statistics.median(r[k] for r in rows if r.get(k) is not None) \
+        if any(r.get(k) is not None for r in rows) else None  # noqa: E731
+    if args.smoke:
+        print(json.dumps({"benchmark": "train_throughput", "smoke": True, "device": str(device),
+                          "tokens_per_s_median": med("tokens_per_s"), "loss": rows[-1]["loss"]}))
+        return 0
     result = {"benchmark": "train_throughput", "device": torch.cuda.get_device_name(device), "host": platform.node(),
               "layers": args.layers, "seq_len": args.seq, "layout": args.layout, "attention": backend,
               "compile": args.compile, "params_b": sum(p.numel() for p in lm.parameters()) / 1e9,

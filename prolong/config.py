@@ -210,6 +210,9 @@ class TrainStageConfig(_Config):
             raise ValueError(f"batch_tokens: {self.batch_tokens} is not a multiple of seq_len {self.seq_len}")
         if self.seq_len % self.sequence_parallel:
             raise ValueError(f"sequence_parallel: {self.sequence_parallel} does not divide seq_len {self.seq_len}")
+        if self.sequence_parallel > 1 and self.micro_batch_size != 1:
+            raise ValueError(f"micro_batch_size: must be 1 with sequence_parallel {self.sequence_parallel} "
+                             "(a sequence-parallel group shares one sequence)")
         total = sum(self.mixture.values())
         if not self.mixture or not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"mixture: proportions sum to {total:.6g}, not 1")

@@ -17,11 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def grads_on(world: int, micro_batch: int, tmp_path, model_dir: str, ac: bool = False, engine: str = "fsdp",
-             mode: str = "grads") -> dict:
-    out = tmp_path / f"{mode}-{engine}-{world}-{micro_batch}-{ac}.pt"
+             mode: str = "grads", sp: int = 1) -> dict:
+    out = tmp_path / f"{mode}-{engine}-{world}-{micro_batch}-{ac}-sp{sp}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           str(ROOT / "tests" / "dist_helper.py"), model_dir, str(out), str(micro_batch), "ac" if ac else "no",
-           engine, mode]
+           str(ROOT / "tests" / "dist_helper.py"), model_dir, str(out), f"--micro-batch={micro_batch}",
+           f"--engine={engine}", f"--mode={mode}", f"--sp={sp}", *(["--ac"] if ac else [])]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -36,6 +36,8 @@ class DocumentLayout:
     cu_seqlens: torch.Tensor  # int32 [n_docs + 1], offsets into the flattened batch
     max_seqlen: int
     position_ids: torch.Tensor  # [batch, seq_len], restarting at 0 in each document
+    # Ulysses: cu_seqlens cover the whole sequence, position_ids only this rank's chunk
+    sequence_parallel: object | None = None
 
     @classmethod
     def from_lengths(cls, lengths: list[list[int]], device: torch.device | str = "cpu") -> "DocumentLayout":
@@ -51,8 +53,11 @@ class DocumentLayout:
 
     def model_kwargs(self) -> dict:
         """Keyword arguments for an HF model's forward (flash-attn naming, understood by all backends)."""
-        return {"position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
-                "max_length_q": self.max_seqlen, "max_length_k": self.max_seqlen}
+        kwargs = {"position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                  "max_length_q": self.max_seqlen, "max_length_k": self.max_seqlen}
+        if self.sequence_parallel is not None:
+            kwargs["sequence_parallel"] = self.sequence_parallel
+        return kwargs
 
 
 def flash_available() -> bool:
@@ -85,10 +90,6 @@ def select_backend(requested: str = "auto", device: torch.device | str = "cpu") 
 
 def current_backend() -> str:
     return _state["backend"]
-
-
-def _kv_groups(module, query: torch.Tensor, key: torch.Tensor) -> int:
-    return getattr(module, "num_key_value_groups", query.shape[1] // key.shape[1])
 
 
 # Short documents are padded up to one of these lengths so that many share one SDPA call.
@@ -152,8 +153,16 @@ def _flash_documents(q, k, v, cu: torch.Tensor, max_len: int, scale) -> torch.Te
 
 
 def document_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                       cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """transformers attention function: [batch, heads, len, dim] in → [batch, len, heads, dim] out."""
+                       cu_seq_lens_q=None, max_length_q=None, sequence_parallel=None, **kwargs):
+    """transformers attention function: [batch, heads, len, dim] in → [batch, len, heads, dim] out.
+
+    With ``sequence_parallel`` the inputs hold this rank's chunk of the sequence; Ulysses all-to-alls
+    turn them into the whole sequence for a subset of heads and back (prolong.parallel.ulysses).
+    """
+    if sequence_parallel is not None:
+        from prolong.parallel import ulysses
+
+        query, key, value = ulysses.scatter_heads(query, key, value, sequence_parallel)
     batch, heads, length, dim = query.shape
     if cu_seq_lens_q is None:
         # no layout (e.g. generation): plain causal attention over each sample
@@ -163,7 +172,7 @@ def document_attention(module, query, key, value, attention_mask=None, scaling=N
         return out.transpose(1, 2).contiguous(), None
     if key.shape[2] != length:
         raise RuntimeError("document attention does not support a KV cache; call the model with use_cache=False")
-    groups = _kv_groups(module, query, key)
+    groups = heads // key.shape[1]
     # [batch, heads, len, dim] → [heads, batch·len, dim]: documents are spans of the flattened batch
     q, k, v = (t.transpose(0, 1).reshape(t.shape[1], batch * length, dim) for t in (query, key, value))
     backend = _state["backend"]
@@ -173,7 +182,10 @@ def document_attention(module, query, key, value, attention_mask=None, scaling=N
         o = _flex_documents(q, k, v, cu_seq_lens_q, scaling, groups)
     else:
         o = _sdpa_documents(q, k, v, cu_seq_lens_q.tolist(), scaling, groups)
-    return o.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
+    o = o.reshape(heads, batch, length, dim).transpose(0, 1)  # [batch, heads, len, dim]
+    if sequence_parallel is not None:
+        o = ulysses.heads_to_seq(o, sequence_parallel)  # back to this rank's chunk, all heads
+    return o.transpose(1, 2).contiguous(), None
 
 
 def register() -> str:

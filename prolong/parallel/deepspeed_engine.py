@@ -28,12 +28,12 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, cfg: TrainStageConfig, parallel: ParallelConfig, world: World,
-                 param_dtype: torch.dtype):
+                 param_dtype: torch.dtype, accumulation: int):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
         import deepspeed
 
         self.cfg, self.world = cfg, world
-        self.accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world.world_size)
+        self.accumulation = accumulation
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         ds_config = {

@@ -98,13 +98,14 @@ class Engine:
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, parallel: ParallelConfig, world: World,
-                 param_dtype: torch.dtype) -> Engine:
+                 param_dtype: torch.dtype, accumulation: int = 1) -> Engine:
+    """``accumulation``: micro-batches per optimizer step on each rank (DeepSpeed must be told)."""
     if parallel.engine == "deepspeed":
         from prolong.parallel.deepspeed_engine import DeepSpeedEngine
 
         model = parallelize(model, world, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                             param_dtype=param_dtype, shard=False)
-        return DeepSpeedEngine(model, cfg, parallel, world, param_dtype)
+        return DeepSpeedEngine(model, cfg, parallel, world, param_dtype, accumulation)
     model = parallelize(model, world, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                         param_dtype=param_dtype)
     return Engine(model, cfg, world)

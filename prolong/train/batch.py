@@ -18,21 +18,53 @@ class MicroBatch:
     targets: torch.Tensor  # [batch, seq_len] int64, IGNORE where no loss
     doc_lengths: list[list[int]]
     n_targets: int
+    # set by shard() when this rank holds a chunk of a sequence-parallel sample
+    sequence_parallel: object | None = None
+    chunk: tuple[int, int] | None = None
 
     @property
     def attention_cost(self) -> int:
-        """Σ len² over documents: what document-masked attention costs (paper §A.3 reordering key)."""
-        return sum(n * n for sample in self.doc_lengths for n in sample)
+        """Σ len² over documents: what document-masked attention costs (paper §A.3 reordering key).
+        A sequence-parallel chunk counts its share."""
+        cost = sum(n * n for sample in self.doc_lengths for n in sample)
+        return cost // self.sequence_parallel.size if self.sequence_parallel is not None else cost
 
     @property
     def n_tokens(self) -> int:
         return self.input_ids.numel()
 
     def layout(self, device) -> DocumentLayout:
-        return DocumentLayout.from_lengths(self.doc_lengths, device=device)
+        full = DocumentLayout.from_lengths(self.doc_lengths, device=device)
+        if self.sequence_parallel is None:
+            return full
+        start, end = self.chunk
+        return DocumentLayout(cu_seqlens=full.cu_seqlens, max_seqlen=full.max_seqlen,
+                              position_ids=full.position_ids[:, start:end], sequence_parallel=self.sequence_parallel)
 
     def to(self, device) -> "MicroBatch":
-        return MicroBatch(self.input_ids.to(device), self.targets.to(device), self.doc_lengths, self.n_targets)
+        return MicroBatch(self.input_ids.to(device), self.targets.to(device), self.doc_lengths, self.n_targets,
+                          self.sequence_parallel, self.chunk)
+
+    def shard(self, sp) -> "MicroBatch":
+        """This rank's part of a sample shared by a sequence-parallel group (prolong.parallel.ulysses).
+
+        A document longer than L/sp: a contiguous chunk of L/sp tokens, attention across the group.
+        Otherwise: whole documents only (split at document boundaries), attention local.
+        """
+        from prolong.parallel.ulysses import document_groups, needs_sequence_parallel
+
+        if self.input_ids.shape[0] != 1:
+            raise ValueError("sequence parallelism takes one sequence per micro-batch")
+        lengths, seq_len = self.doc_lengths[0], self.input_ids.shape[1]
+        if needs_sequence_parallel(lengths, seq_len, sp.size):
+            start, end = sp.rank * seq_len // sp.size, (sp.rank + 1) * seq_len // sp.size
+            targets = self.targets[:, start:end]
+            return MicroBatch(self.input_ids[:, start:end], targets, self.doc_lengths,
+                              int((targets >= 0).sum()), sp, (start, end))
+        first, end_doc = document_groups(lengths, sp.size)[sp.rank]
+        start, end = sum(lengths[:first]), sum(lengths[:end_doc])
+        targets = self.targets[:, start:end]
+        return MicroBatch(self.input_ids[:, start:end], targets, [lengths[first:end_doc]], int((targets >= 0).sum()))
 
 
 def doc_lengths_of(sample: dict, seq_len: int) -> list[int]:

@@ -26,6 +26,7 @@ from prolong.model.lm import TrainingLM
 from prolong.model.load import DTYPES, load_model
 from prolong.parallel import World, init_world, node_scratch, remove_scratch
 from prolong.parallel.engine import Engine, build_engine
+from prolong.parallel.ulysses import build_group, check_model_heads
 from prolong.store import Store
 from prolong.train.batch import collate
 from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile, StageReport
@@ -117,6 +118,8 @@ def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageC
                  "tflops_document": mean("tflops_document"), "mfu_nominal": mean("mfu_nominal"),
                  "mfu_document": mean("mfu_document"),
                  "rope_theta": cfg.rope_theta, "world_size": world.world_size, "accumulation": accumulation,
+                 "sequence_parallel": cfg.sequence_parallel,
+                 "sequence_parallel_share": mean("sequence_parallel_share") if cfg.sequence_parallel > 1 else None,
                  "attention": attention.current_backend(), "resumed_from_step": resumed_from},
         artifacts={"hf_model": "hf", "checkpoint": final, "metrics": "metrics.jsonl", "report": "report/report.md",
                    "loss_curve": "report/loss_curve.png"})
@@ -125,13 +128,12 @@ def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageC
 def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     world = init_world()
     cfg = recipe.train_stage(stage)
-    if cfg.sequence_parallel > 1:
-        raise ConfigError(f"{stage}.sequence_parallel: {cfg.sequence_parallel} needs Ulysses sequence parallelism, "
-                          "which this version does not ship yet; set it to 1 (fits sequences one device can hold)")
+    sp = build_group(world, cfg.sequence_parallel, field=f"{stage}.sequence_parallel") \
+        if cfg.sequence_parallel > 1 else None
     seed = recipe.stage_seed(stage)
     torch.manual_seed(seed)
     rec = StageRecorder(store, run, recipe, stage)
-    accumulation = accumulation_steps(cfg, stage, world.world_size)
+    accumulation = accumulation_steps(cfg, stage, world.world_size // cfg.sequence_parallel)
     init = recipe.init_source(stage)
     scratch = node_scratch(world, f"{run}-{stage}")  # shared by this node's ranks
     with tempfile.TemporaryDirectory(prefix=f"prolong-{stage}-") as tmp_:
@@ -142,8 +144,10 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                         revision=recipe.model.revision if init == "model" else None, device=world.device,
                         field=stage)
         attention.select_backend(recipe.model.attention, world.device)
+        if sp is not None:
+            check_model_heads(lm.config, sp.size, field=f"{stage}.sequence_parallel")
         engine = build_engine(TrainingLM(lm, cfg.loss_chunk_size), cfg, recipe.parallel, world,
-                              DTYPES[recipe.model.dtype])
+                              DTYPES[recipe.model.dtype], accumulation=accumulation)
         ckpt = Checkpointer(store, rec.prefix, world, staging=scratch / "checkpoints")
         resumed_from, state, loader_state, scheduler_state = _restore(ckpt, rec, engine, recipe, run, stage)
         if scheduler_state:
@@ -152,7 +156,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
             rec.invalidate()  # only now, with every input checked: a failed start changes nothing
 
         dataset = mixture_dataset(store, run, stage_streams(recipe, stage), cache_dir=scratch / "streams", seed=seed,
-                                  batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size)
+                                  batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size,
+                                  replication=cfg.sequence_parallel if sp is not None else None)
         if loader_state:
             dataset.load_state_dict(loader_state)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, num_workers=0,
@@ -170,7 +175,7 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                      StageReport(store, rec.prefix, stage, tmp / "metrics.jsonl", tmp)]
         trainer = Trainer(engine, iter(loader), cfg, world, accumulation=accumulation,
                           callbacks=callbacks, state=state, save_checkpoint=save, flops=FlopCounter.for_model(lm),
-                          peak_flops=peak_flops(world.device, recipe.jobs.peak_tflops))
+                          peak_flops=peak_flops(world.device, recipe.jobs.peak_tflops), sequence_parallel=sp)
         trainer.fit()
         export_hf(engine, lm, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world,
                   DTYPES[recipe.model.dtype])

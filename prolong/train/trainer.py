@@ -41,8 +41,9 @@ class Trainer:
     def __init__(self, engine: Engine, batches: Iterator[MicroBatch], cfg: TrainStageConfig, world: World,
                  *, accumulation: int, callbacks: list[Callback], state: TrainerState | None = None,
                  save_checkpoint: Callable[["Trainer"], None] | None = None, flops: FlopCounter | None = None,
-                 peak_flops: float | None = None):
+                 peak_flops: float | None = None, sequence_parallel=None):
         self.engine = engine
+        self.sp = sequence_parallel
         self.batches, self.cfg, self.world = batches, cfg, world
         self.accumulation = accumulation
         self.callbacks = callbacks
@@ -63,8 +64,14 @@ class Trainer:
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict:
         t0 = time.perf_counter()
-        if self.cfg.reorder_minibatches:
+        if self.cfg.reorder_minibatches:  # keyed on whole samples, so a sequence-parallel group agrees
             micro_batches = sorted(micro_batches, key=lambda mb: mb.attention_cost, reverse=True)
+        sp_share = None
+        if self.sp is not None:
+            micro_batches = [mb.shard(self.sp) for mb in micro_batches]
+            # every rank of a group agrees, so the world-wide mean is the share of samples split
+            sp_share = all_reduce_sum(sum(mb.chunk is not None for mb in micro_batches), self.world) / \
+                all_reduce_sum(len(micro_batches), self.world)
         local_targets = sum(mb.n_targets for mb in micro_batches)
         global_targets = all_reduce_sum(local_targets, self.world)
         if global_targets == 0:
@@ -85,8 +92,8 @@ class Trainer:
         if not math.isfinite(loss_total) or not math.isfinite(float(grad_norm)):
             raise StageError(f"step {self.state.step + 1}: loss or gradient is not finite "
                              f"(loss {loss_total / global_targets}, grad norm {float(grad_norm)})")
-        tokens = all_reduce_sum(sum(mb.n_tokens for mb in micro_batches), self.world)
-        samples = all_reduce_sum(sum(mb.input_ids.shape[0] for mb in micro_batches), self.world)
+        tokens = all_reduce_sum(sum(mb.n_tokens for mb in micro_batches), self.world)  # shards partition tokens
+        samples = self.cfg.global_batch_size
         sum_len_sq = all_reduce_sum(sum(mb.attention_cost for mb in micro_batches), self.world)
         self.state.step += 1
         self.state.samples_seen += int(samples)
@@ -95,6 +102,8 @@ class Trainer:
         metrics = {"step": self.state.step, "loss": loss_total / global_targets, "lr": lr, "grad_norm": float(grad_norm),
                    "target_tokens": int(global_targets), "tokens": int(tokens), "tokens_seen": self.state.tokens_seen,
                    "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
+        if sp_share is not None:
+            metrics["sequence_parallel_share"] = sp_share
         if self.flops is not None:
             per_device = elapsed * self.world.world_size
             nominal = self.flops.nominal(int(tokens), self.cfg.seq_len) / per_device
