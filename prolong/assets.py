@@ -300,11 +300,14 @@ def build_tiny_lm_eval(out: Path) -> None:
 
 _EXPECTED = {"tiny-corpus": ("books.jsonl", "short.jsonl", "chat.jsonl"), "tiny-bpe": ("tokenizer.json",),
              "tiny-llama": ("config.json", "model.safetensors", "tokenizer.json"),
-             "tiny-lm-eval": ("pymodule_mc.yaml", "pymodule_mc.jsonl")}
+             "tiny-lm-eval": ("pymodule_mc.yaml", "pymodule_mc.jsonl"),
+             "tiny-helmet": ("kilt/nq-512.jsonl", "msmarco/rerank-1024.jsonl", "icl/nlu-test.jsonl",
+                             "narrativeqa/test.jsonl", "multi_lexsum/test.jsonl")}
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-corpus": build_tiny_corpus,
     "tiny-bpe": build_tiny_bpe,
     "tiny-llama": build_tiny_llama,
     "tiny-lm-eval": build_tiny_lm_eval,
+    "tiny-helmet": lambda out: __import__("prolong.eval.tiny_helmet", fromlist=["build"]).build(out),
 }

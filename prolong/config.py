@@ -234,11 +234,72 @@ class TrainStageConfig(_Config):
 
 
 class JsonKVConfig(_Config):
-    lengths: list[Tokens] = Field(min_length=1)
+    """Recall: HELMET's JSON KV, generated offline for the recipe's tokenizer."""
+
+    lengths: list[Tokens] | None = None  # default: eval.lengths
     depths: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     samples_per_depth: int = Field(default=2, gt=0)
-    max_new_tokens: int = Field(default=64, gt=0)
+    max_new_tokens: int = Field(default=100, gt=0)
     seed: int = 0
+
+
+HELMET_DATASETS = ("nq", "hotpotqa", "popqa", "msmarco", "trec_coarse", "trec_fine", "banking77", "clinc150",
+                   "nlu", "narrativeqa", "multi_lexsum")
+
+
+class HelmetConfig(_Config):
+    """RAG, re-rank, ICL, long-document QA and summarisation from HELMET's released data files."""
+
+    data_dir: str  # HELMET's `data/` folder: a local path, store-relative path or fsspec URL (s3://...)
+    datasets: list[Literal[HELMET_DATASETS]] = list(HELMET_DATASETS)  # type: ignore[valid-type]
+    lengths: list[Tokens] | None = None  # default: eval.lengths
+    max_items: int = Field(default=100, gt=0)  # per dataset and length (HELMET: 100; ICL 500)
+    # generation budgets by task kind (rag, rerank, icl, narrativeqa, multi_lexsum); default HELMET's
+    max_new_tokens: dict[Literal["rag", "rerank", "icl", "narrativeqa", "multi_lexsum"], int] = {}
+    seed: int = 42
+    # chat template for the instruction-tuned model; HELMET's default: on, off for base models
+    use_chat_template: bool | None = None  # None: on when evaluating the SFT stage
+
+
+class PasskeyConfig(_Config):
+    lengths: list[Tokens] | None = None
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    samples_per_depth: int = Field(default=2, gt=0)
+    max_new_tokens: int = Field(default=10, gt=0)
+    seed: int = 0
+
+
+class NeedleConfig(_Config):
+    haystack: str  # a text/jsonl file of prose (Kamradt used Paul Graham's essays)
+    lengths: list[Tokens] | None = None
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    max_new_tokens: int = Field(default=32, gt=0)
+
+
+class PerplexityConfig(_Config):
+    """The paper's PG19 view: loss on the last ``last`` tokens of ``length``-token documents."""
+
+    source: Source
+    length: Tokens = 65536
+    last: Tokens = 32768
+    max_docs: int = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _last(self):
+        if not 0 < self.last < self.length:
+            raise ValueError(f"last: {self.last} must be below length {self.length}")
+        return self
+
+
+class JudgeConfig(_Config):
+    """An OpenAI-compatible chat endpoint scoring QA and summaries with the model card's rubrics."""
+
+    base_url: str | None = None  # or PROLONG_JUDGE_BASE_URL / OPENAI_BASE_URL
+    model: str = "gpt-4o-2024-05-13"  # the judge the ProLong paper used
+    api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable holding the key
+    retries: int = Field(default=3, ge=0)
+    timeout_s: float = Field(default=120, gt=0)
+    backoff_s: float = Field(default=2.0, ge=0)
 
 
 class LmEvalConfig(_Config):
@@ -255,8 +316,17 @@ class LmEvalConfig(_Config):
 
 class EvalConfig(_Config):
     model_from: str = "sft"
+    lengths: list[Tokens] = Field(default=[32768, 65536, 131072], min_length=1)  # HELMET's 32K/64K/128K
     json_kv: JsonKVConfig | None = None
+    helmet: HelmetConfig | None = None
+    judge: JudgeConfig | None = None  # without it, QA and summaries report automatic metrics only
+    passkey: PasskeyConfig | None = None
+    needle: NeedleConfig | None = None
+    perplexity: PerplexityConfig | None = None
     lm_eval: LmEvalConfig | None = None
+
+    def lengths_of(self, task) -> list[int]:
+        return list(task.lengths or self.lengths)
 
 
 # ---------------------------------------------------------------- parallelism

@@ -149,8 +149,11 @@ def summarize_metrics(stage: str, metrics: dict) -> str:
         return f"{metrics.get('steps')} steps, loss {first:.3f} → {last:.3f}, θ={metrics.get('rope_theta'):g}"
     if stage == "eval":
         parts = []
-        if "json_kv" in metrics:
-            parts.append("JSON KV " + ", ".join(f"{k}: {v:.0f}" for k, v in metrics["json_kv"]["by_length"].items()))
+        for name, c in metrics.get("categories", {}).items():
+            if c.get("mean") is not None:
+                parts.append(f"{name} {c['mean']:.0f}")
+        if "perplexity" in metrics:
+            parts.append(f"ppl {metrics['perplexity']['perplexity']:.1f}")
         for task, m in metrics.get("lm_eval", {}).items():
             acc = next((v for k, v in m.items() if k.startswith("acc") and "stderr" not in k), None)
             if acc is not None:

@@ -25,6 +25,7 @@ FAST = [
     "stage2.steps=4", "stage2.checkpoint_every=2",
     "sft.steps=4", "sft.checkpoint_every=2", "sft.batch_tokens=2K",
     "eval.json_kv.depths=[0.0,1.0]", "eval.json_kv.max_new_tokens=16", "eval.lm_eval.limit=8",
+    "eval.helmet.max_items=1", "eval.perplexity.max_docs=2",
 ]
 
 

@@ -55,7 +55,10 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
     assert read_manifest(store, "e2e", "stage2").upstream["stage1"] == done["stage1"]
     assert read_manifest(store, "e2e", "sft").upstream["stage2"] == done["stage2"]
     results = store.read_json("e2e/eval/results.json")
-    assert set(results["json_kv"]["by_length"]) == {"512", "1024"}
+    assert set(results["categories"]) == {"Recall", "RAG", "Re-rank", "ICL", "Synthetic"}
+    assert all(set(c["by_length"]) == {"512", "1024"} for c in results["categories"].values())
+    assert "multi_lexsum" in results["unscored"] and results["perplexity"]["documents"] == 2
+    assert store.exists("e2e/eval/charts/categories.png") and store.exists("e2e/eval/charts/depth.png")
     assert 0.0 <= results["lm_eval"]["pymodule_mc"]["acc"] <= 1.0
 
     # the orchestrator saw it: a completed flow run with one task run per stage, and artifacts
@@ -69,7 +72,7 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
     data_md = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["e2e-data"]}}})
     assert "Table 14" in data_md[0]["data"] and "| code_repos | long |" in data_md[0]["data"]
     table = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["e2e-eval"]}}})
-    assert "JSON KV" in table[0]["data"] and "pymodule_mc" in table[0]["data"]
+    assert "| Recall |" in table[0]["data"] and "| RAG |" in table[0]["data"] and "pymodule_mc" in table[0]["data"]
 
     # a second run of the same run name skips every stage: nothing is rewritten
     again = prolong_cli(*args, env=prefect_env, check=True)

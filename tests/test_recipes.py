@@ -80,5 +80,9 @@ def test_optimisation_shared_by_every_stage(r8b):
 def test_evaluation(r8b):
     e = r8b.eval
     assert e.model_from == "sft"
-    assert e.json_kv.lengths == [32768, 65536, 131072]
+    assert e.lengths == [32768, 65536, 131072] and e.lengths_of(e.json_kv) == e.lengths
+    assert e.helmet.datasets == ["nq", "hotpotqa", "popqa", "msmarco", "trec_coarse", "trec_fine", "banking77",
+                                 "clinc150", "nlu", "narrativeqa", "multi_lexsum"]
+    assert e.judge.model == "gpt-4o-2024-05-13" and e.judge.api_key_env == "OPENAI_API_KEY"
+    assert (e.perplexity.length, e.perplexity.last) == (65536, 32768)
     assert e.lm_eval.num_fewshot == {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "winogrande": 5, "gsm8k": 5}

@@ -218,9 +218,10 @@ def _rows(rows: Iterator[tuple[str, dict]], src: FileSource | HFSource, kind: st
         yield Document(id=key, text="\n\n".join(text for _, text in parts))
 
 
-def iter_documents(name: str, domain: DomainConfig, seed: int) -> Iterator[Document]:
-    """Documents of one domain, in a deterministic order, up to ``max_documents``."""
-    where = f"data.domains.{name}.source"
+def iter_documents(name: str, domain: DomainConfig, seed: int, where: str | None = None) -> Iterator[Document]:
+    """Documents of one domain, in a deterministic order, up to ``max_documents``; ``where`` names
+    the source's config field in errors."""
+    where = where or f"data.domains.{name}.source"
     src = domain.source
     if isinstance(src, RepoSource):
         if domain.kind == "sft":

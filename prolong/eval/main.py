@@ -1,7 +1,9 @@
-"""The evaluation stage as a job: long-context recall (JSON KV) and lm-eval short tasks.
+"""The evaluation stage as a job: HELMET's categories, synthetic recall, long-document perplexity
+and lm-eval short tasks on the model of one training stage.
 
-Writes per-item JSONL, ``results.json`` and ``results.md`` (the table shown in the Prefect UI)
-into ``{run}/eval/``, then the manifest. Greedy decoding throughout.
+Writes ``items.jsonl`` (every prompt's prediction and score), ``results.json``, ``results.md`` (the
+table shown in the Prefect UI) and PNG charts into ``{run}/eval/``, then the manifest. Greedy
+decoding throughout; scores are 0-100.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from prolong import assets
 from prolong.config import Recipe
 from prolong.errors import ConfigError
+from prolong.eval import helmet, report, synthetic
 from prolong.eval.json_kv import make_examples
-from prolong.eval.metrics import substring_exact_match
+from prolong.eval.judge import Judge, JudgeError, judge_qa, judge_summary
+from prolong.eval.metrics import ndcg_at_k, parse_ranking, substring_exact_match, token_f1
+from prolong.eval.perplexity import long_document_loss
+from prolong.eval.prompts import fit, generate
 from prolong.manifest import StageRecorder, read_manifest, stage_prefix
 from prolong.model.load import DTYPES
 from prolong.parallel import init_world
@@ -36,32 +40,6 @@ def _load_for_generation(path: str, dtype: str, device):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation="sdpa").to(device)
     model.eval()
     return model, tok
-
-
-@torch.no_grad()
-def run_json_kv(model, tok, cfg, use_chat_template: bool, device) -> tuple[list[dict], dict]:
-    examples = make_examples(tok, cfg.lengths, cfg.depths, cfg.samples_per_depth, cfg.max_new_tokens, cfg.seed,
-                             use_chat_template)
-    items = []
-    for ex in examples:
-        ids = tok(ex.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        prediction = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        items.append({"task": "json_kv", "length": ex.length, "depth": ex.depth, "num_pairs": ex.num_pairs,
-                      "input_tokens": ids.shape[1], "answer": ex.answer, "prediction": prediction,
-                      "subem": substring_exact_match(prediction, ex.answer), "seconds": time.perf_counter() - t0})
-    by_len, by_depth = defaultdict(list), defaultdict(list)
-    for it in items:
-        by_len[it["length"]].append(it["subem"])
-        by_depth[f'{it["length"]}@{it["depth"]}'].append(it["subem"])
-    summary = {
-        "by_length": {str(k): 100 * sum(v) / len(v) for k, v in sorted(by_len.items())},
-        "by_depth": {k: 100 * sum(v) / len(v) for k, v in sorted(by_depth.items())},
-    }
-    summary["mean"] = sum(summary["by_length"].values()) / len(summary["by_length"])
-    return items, summary
 
 
 def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device) -> dict:
@@ -87,22 +65,102 @@ def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device) -> dic
     return results
 
 
-def results_markdown(run: str, model_from: str, summary: dict) -> str:
-    lines = [f"# Evaluation of `{run}` ({model_from})", ""]
-    if "json_kv" in summary:
-        kv = summary["json_kv"]
-        lengths = list(kv["by_length"])
-        lines += ["## Recall — JSON KV (SubEM, %)", "", "| " + " | ".join(["length", *lengths, "mean"]) + " |",
-                  "|" + "---|" * (len(lengths) + 2),
-                  "| JSON KV | " + " | ".join(f"{kv['by_length'][k]:.1f}" for k in lengths) + f" | {kv['mean']:.1f} |", ""]
-    if "lm_eval" in summary:
-        lines += ["## Short-context tasks (lm-eval)", "", "| task | shots | metric | value |", "|---|---|---|---|"]
-        for task, m in sorted(summary["lm_eval"].items()):
-            for key, value in sorted(m.items()):
-                if key != "num_fewshot" and "stderr" not in key:
-                    lines.append(f"| {task} | {m['num_fewshot']} | {key} | {value:.4f} |")
-        lines.append("")
-    return "\n".join(lines)
+def _haystack(path: str) -> str:
+    """Prose for the needle task: a .txt file, or the ``text`` fields of a .jsonl file."""
+    import fsspec
+
+    ref = assets.resolve(path)
+    try:
+        with fsspec.open(ref, "rt", encoding="utf-8") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"eval.needle.haystack: {ref} does not exist") from None
+    if ref.endswith(".jsonl"):
+        return "\n\n".join(json.loads(line).get("text", "") for line in raw.splitlines() if line.strip())
+    return raw
+
+
+def _timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def run_recall_and_synthetic(cfg, model, tok, chat: bool, device) -> list[dict]:
+    items = []
+    if cfg.json_kv is not None:
+        kv = cfg.json_kv
+        for ex in make_examples(tok, cfg.lengths_of(kv), kv.depths, kv.samples_per_depth, kv.max_new_tokens + 1,
+                                kv.seed, chat):
+            (pred, n), secs = _timed(generate, model, tok, ex.prompt, kv.max_new_tokens, device)
+            items.append({"dataset": "json_kv", "length": ex.length, "depth": ex.depth, "input_tokens": n,
+                          "num_pairs": ex.num_pairs, "answer": ex.answer, "prediction": pred,
+                          "score": 100 * substring_exact_match(pred, ex.answer), "seconds": secs})
+    if cfg.passkey is not None:
+        pk = cfg.passkey
+        for ex in synthetic.passkey_examples(tok, cfg.lengths_of(pk), pk.depths, pk.samples_per_depth,
+                                             pk.max_new_tokens + 1, pk.seed):
+            (pred, n), secs = _timed(generate, model, tok, ex.prompt, pk.max_new_tokens, device)
+            items.append({"dataset": "passkey", "length": ex.length, "depth": ex.depth, "input_tokens": n,
+                          "answer": ex.answer, "prediction": pred,
+                          "score": 100 * synthetic.passkey_score(pred, ex.answer), "seconds": secs})
+    if cfg.needle is not None:
+        nd = cfg.needle
+        for ex in synthetic.needle_examples(tok, _haystack(nd.haystack), cfg.lengths_of(nd), nd.depths,
+                                            nd.max_new_tokens + 1):
+            (pred, n), secs = _timed(generate, model, tok, ex.prompt, nd.max_new_tokens, device)
+            items.append({"dataset": "needle", "length": ex.length, "depth": ex.depth, "input_tokens": n,
+                          "answer": ex.answer, "prediction": pred,
+                          "score": 100 * substring_exact_match(pred, ex.answer), "seconds": secs})
+    return items
+
+
+def _score_helmet(item: helmet.HelmetItem, pred: str, judge: Judge | None) -> dict:
+    """Score one HELMET item; judge failures become failed items, never 0."""
+    if item.kind == "rag":
+        return {"score": 100 * substring_exact_match(pred, item.answers)}
+    if item.kind == "icl":  # the first number the model writes is its label
+        import re
+
+        found = re.findall(r"\d+", pred)
+        return {"score": 100.0 * bool(found and found[0] == item.answers[0])}
+    if item.kind == "rerank":
+        ranking = parse_ranking(pred)
+        return {"score": 100 * ndcg_at_k(ranking, item.meta["qrels"], k=10), "ranking": ranking[:10]}
+    auto = {"f1": 100 * token_f1(pred, item.answers)}
+    if judge is None:
+        return {**auto, "unscored": "no judge endpoint (eval.judge)"}
+    try:
+        if item.kind == "narrativeqa":
+            return {**auto, **judge_qa(judge, item.meta["question"], item.answers, pred)}
+        return {**auto, **judge_summary(judge, pred, item.answers[0], item.meta["summary_long"],
+                                        item.meta.get("key_points"))}
+    except JudgeError as e:
+        return {**auto, "failed": True, "error": str(e)}
+
+
+def run_helmet(cfg, model, tok, chat: bool, device) -> list[dict]:
+    hc = cfg.helmet
+    judge = Judge.from_config(cfg.judge) if cfg.judge is not None else None
+    data = helmet.HelmetData(hc.data_dir)
+    items = []
+    for it in helmet.build_items(data, hc.datasets, cfg.lengths_of(hc), hc.max_items, hc.seed):
+        budget = hc.max_new_tokens.get(it.kind, it.max_new_tokens)
+        text, cut = fit(it.prompt, tok, it.length - budget - 1, chat)
+        (pred, n), secs = _timed(generate, model, tok, text, budget, device,
+                                 stop_at_newline=it.kind in ("rag", "icl", "rerank"))
+        row = {"dataset": it.dataset, "length": it.length, "input_tokens": n, "context_tokens_cut": cut,
+               "answers": it.answers, "prediction": pred, "seconds": secs, **_score_helmet(it, pred, judge)}
+        items.append(row)
+    return items
+
+
+def _check_lengths(cfg, model) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    tasks = [t for t in (cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle) if t is not None]
+    longest = max((L for t in tasks for L in cfg.lengths_of(t)), default=0)
+    if limit and longest > limit:
+        raise ConfigError(f"eval.lengths: {longest} tokens is beyond the model's max_position_embeddings {limit}")
 
 
 def run_eval_stage(recipe: Recipe, store: Store, run: str) -> None:
@@ -111,29 +169,65 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str) -> None:
     rec = StageRecorder(store, run, recipe, "eval")
     if not world.is_main:
         return  # evaluation runs on one process; extra ranks have nothing to do
-    rec.invalidate()
     upstream = read_manifest(store, run, cfg.model_from)
     seq_len = recipe.train_stage(cfg.model_from).seq_len
+    if not any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity, cfg.lm_eval)):
+        raise ConfigError("eval: enable at least one of json_kv, helmet, passkey, needle, perplexity, lm_eval")
+    rec.invalidate()
     with tempfile.TemporaryDirectory(prefix="prolong-eval-") as tmp_:
         tmp = Path(tmp_)
         rel = f"{stage_prefix(run, cfg.model_from)}/{upstream.artifacts['hf_model']}"
         model_dir = str(store.local_path(rel)) if store.is_local else str(store.get_dir(rel, tmp / "model"))
-        summary, items = {}, []
-        if cfg.json_kv is not None:
+        items, extra = [], {}
+        if any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity)):
             model, tok = _load_for_generation(model_dir, recipe.model.dtype, world.device)
-            chat = cfg.model_from == "sft"  # HELMET: chat template for instruction-tuned models only
-            kv_items, summary["json_kv"] = run_json_kv(model, tok, cfg.json_kv, chat, world.device)
-            items += kv_items
+            _check_lengths(cfg, model)
+            # HELMET: the chat template for instruction-tuned models, plain prompts for base models
+            chat = cfg.model_from == "sft"
+            items += run_recall_and_synthetic(cfg, model, tok, chat, world.device)
+            if cfg.helmet is not None:
+                use_chat = cfg.helmet.use_chat_template if cfg.helmet.use_chat_template is not None else chat
+                items += run_helmet(cfg, model, tok, use_chat, world.device)
+            if cfg.perplexity is not None:
+                from prolong.config import DomainConfig
+                from prolong.data.sources import iter_documents
+
+                pc = cfg.perplexity
+                docs = (d.text for d in iter_documents("perplexity", DomainConfig(kind="long", source=pc.source),
+                                                       recipe.seed, where="eval.perplexity.source") if d.text)
+                extra["perplexity"] = long_document_loss(model, tok, docs, length=pc.length, last=pc.last,
+                                                         max_docs=pc.max_docs, device=world.device)
             del model
+        scored = [i for i in items if not i.get("unscored")]
+        results = report.aggregate(scored)
+        unscored = sorted({i["dataset"] for i in items if i.get("unscored")})
+        if unscored:
+            results["unscored"] = f"{', '.join(unscored)} (no judge endpoint: eval.judge); token F1 in items.jsonl"
+        results.update(extra)
         if cfg.lm_eval is not None:
             max_length = cfg.lm_eval.max_length or seq_len
-            summary["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval, max_length, recipe.model.dtype, world.device)
-        if not summary:
-            raise ConfigError("eval: enable at least one of json_kv, lm_eval")
+            results["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval, max_length, recipe.model.dtype, world.device)
         (tmp / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
         rec.put_file(tmp / "items.jsonl", "items.jsonl")
-        rec.write_json("results.json", summary)
-        md = results_markdown(run, cfg.model_from, summary)
-        (tmp / "results.md").write_text(md)
+        rec.write_json("results.json", results)
+        (tmp / "results.md").write_text(report.markdown(run, cfg.model_from, results))
         rec.put_file(tmp / "results.md", "results.md")
-    rec.finish(metrics=summary, artifacts={"results": "results.json", "report": "results.md", "items": "items.jsonl"})
+        charts = report.charts(results, tmp)
+        for name in charts:
+            rec.put_file(tmp / name, f"charts/{name}")
+    rec.finish(metrics=_headline(results),
+               artifacts={"results": "results.json", "report": "results.md", "items": "items.jsonl",
+                          **{f"chart_{Path(c).stem}": f"charts/{c}" for c in charts}})
+
+
+def _headline(results: dict) -> dict:
+    """The manifest's metrics: category means by length, perplexity and lm-eval (details in results.json)."""
+    out = {"categories": {k: {"by_length": v["by_length"], "mean": v["mean"]} for k, v in results["categories"].items()},
+           "failed_items": results["failed_items"]}
+    if "by_depth" in results and "json_kv" in results["by_depth"]:
+        out["json_kv_by_depth"] = results["by_depth"]["json_kv"]
+    for key in ("perplexity", "lm_eval"):
+        if key in results:
+            out[key] = {k: v for k, v in results[key].items() if k != "per_document"} if key == "perplexity" \
+                else results[key]
+    return out

@@ -1,0 +1,144 @@
+"""Scores → the paper's categories, a markdown table and PNG charts.
+
+Aggregation (HELMET / ProLong Tables 10-13): the mean over items gives a dataset's score at a
+length; the mean over a category's datasets gives the category at that length; the mean over
+lengths gives the category. Failed items (e.g. the judge never answered) are counted and left out
+of means — a category with only failures has no score, never 0.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+CATEGORIES = {
+    "Recall": ("json_kv",),
+    "RAG": ("nq", "hotpotqa", "popqa"),
+    "Re-rank": ("msmarco",),
+    "ICL": ("trec_coarse", "trec_fine", "banking77", "clinc150", "nlu"),
+    "QA": ("narrativeqa",),
+    "Summ": ("multi_lexsum",),
+    "Synthetic": ("passkey", "needle"),
+}
+CATEGORY_OF = {d: c for c, ds in CATEGORIES.items() for d in ds}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(items: list[dict]) -> dict:
+    """items: {"dataset", "length", "score" (0-100) or "failed", optional "depth"}."""
+    scores, failed, counts = defaultdict(list), defaultdict(int), defaultdict(int)
+    depth = defaultdict(list)
+    for it in items:
+        key = (it["dataset"], it["length"])
+        counts[key] += 1
+        if it.get("failed"):
+            failed[key] += 1
+            continue
+        scores[key].append(it["score"])
+        if it.get("depth") is not None:
+            depth[(it["dataset"], it["length"], it["depth"])].append(it["score"])
+    datasets: dict[str, dict] = defaultdict(dict)
+    for (ds, length), n in sorted(counts.items()):
+        datasets[ds][str(length)] = {"score": _mean(scores[(ds, length)]), "items": n, "failed": failed[(ds, length)]}
+    categories = {}
+    for cat, members in CATEGORIES.items():
+        present = [d for d in members if d in datasets]
+        if not present:
+            continue
+        lengths = sorted({int(k) for d in present for k in datasets[d]})
+        by_length = {str(L): _mean(datasets[d].get(str(L), {}).get("score") for d in present) for L in lengths}
+        categories[cat] = {"datasets": present, "by_length": by_length, "mean": _mean(by_length.values())}
+    by_depth: dict[str, dict] = defaultdict(lambda: defaultdict(dict))
+    for (ds, length, d), values in sorted(depth.items()):
+        by_depth[ds][str(length)][f"{d:g}"] = _mean(values)
+    return {"categories": categories, "datasets": dict(datasets),
+            "by_depth": {k: dict(v) for k, v in by_depth.items()},
+            "failed_items": sum(failed.values())}
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def markdown(run: str, model_from: str, results: dict) -> str:
+    lines = [f"# Evaluation of `{run}` ({model_from})", ""]
+    cats = results.get("categories", {})
+    if cats:
+        lengths = sorted({int(L) for c in cats.values() for L in c["by_length"]})
+        lines += ["## Long-context categories (0-100)", "",
+                  "| category | " + " | ".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths) + " | mean |",
+                  "|---|" + "---|" * (len(lengths) + 1)]
+        for name, c in cats.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(c["by_length"].get(str(L))) for L in lengths)
+                         + f" | {_fmt(c['mean'])} |")
+        lines += ["", "Datasets: " + "; ".join(
+            f"{ds} " + ", ".join(f"{L}: {_fmt(v['score'])}" + (f" ({v['failed']} failed)" if v["failed"] else "")
+                                 for L, v in per.items())
+            for ds, per in results["datasets"].items()), ""]
+    if results.get("failed_items"):
+        lines += [f"**{results['failed_items']} items failed** (judge unavailable or unparsable); "
+                  "they are listed in items.jsonl and left out of the means.", ""]
+    if results.get("unscored"):
+        lines += [f"Not scored: {results['unscored']}", ""]
+    if "perplexity" in results:
+        p = results["perplexity"]
+        lines += ["## Long-document perplexity", "",
+                  f"Loss on the last {p['last']} tokens of {p['documents']} documents of {p['length']} tokens: "
+                  f"**{p['loss']:.3f}** (perplexity {p['perplexity']:.1f}).", ""]
+    if results.get("lm_eval"):
+        lines += ["## Short-context tasks (lm-eval)", "", "| task | shots | metric | value |", "|---|---|---|---|"]
+        for task, m in sorted(results["lm_eval"].items()):
+            for key, value in sorted(m.items()):
+                if key != "num_fewshot" and "stderr" not in key:
+                    lines.append(f"| {task} | {m['num_fewshot']} | {key} | {value:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def charts(results: dict, out: Path) -> list[str]:
+    """categories.png (score by length, one line per category) and depth.png (recall heat maps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    cats = results.get("categories", {})
+    if cats:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, c in cats.items():
+            pts = [(int(L), v) for L, v in c["by_length"].items() if v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("input length (tokens)")
+        ax.set_ylabel("score (0-100)")
+        ax.set_ylim(-2, 102)
+        ax.legend(fontsize=8)
+        ax.set_title("Long-context categories by length")
+        fig.tight_layout()
+        fig.savefig(out / "categories.png", dpi=120)
+        plt.close(fig)
+        written.append("categories.png")
+    depth = results.get("by_depth", {})
+    if depth:
+        fig, axes = plt.subplots(1, len(depth), figsize=(4 * len(depth), 3), squeeze=False)
+        for ax, (ds, per_len) in zip(axes[0], sorted(depth.items())):
+            lengths = sorted(per_len, key=int)
+            depths = sorted({d for v in per_len.values() for d in v}, key=float)
+            grid = [[per_len[L].get(d, float("nan")) for d in depths] for L in lengths]
+            im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(depths)), depths)
+            ax.set_yticks(range(len(lengths)), lengths)
+            ax.set_xlabel("depth")
+            ax.set_ylabel("length")
+            ax.set_title(f"{ds}: recall by depth")
+        fig.colorbar(im, ax=axes[0].tolist())
+        fig.savefig(out / "depth.png", dpi=120)
+        plt.close(fig)
+        written.append("depth.png")
+    return written
