@@ -13,8 +13,9 @@ Users download HELMET's released data once (``bash scripts/download_data.sh`` in
     multi_lexsum/test.jsonl                        context, summary_short, summary_long
 
 The number of retrieved passages that fills a length differs by tokenizer, so files are named by
-the length they were built for (HELMET's ``k`` per length: see the README); ``length`` is always
-enforced again here by cutting the context from its end (``prolong.eval.prompts.fit``).
+the length they were built for (HELMET's own files are named by their passage count ``k``: rename
+or link them per length); ``length`` is always enforced again here by cutting the context from its
+end (``prolong.eval.prompts.fit``).
 """
 
 from __future__ import annotations
