@@ -13,6 +13,8 @@ import random
 import uuid
 from dataclasses import dataclass
 
+from prolong.eval.prompts import Prompt, n_tokens
+
 USER_TEMPLATE = ("{context}\n\nExtract the value corresponding to the specified key in the JSON object below."
                  "\n\n{demos}Key: {question}")
 ASSISTANT_PREFIX = "Corresponding value:"
@@ -37,15 +39,8 @@ def render_prompt(tokenizer, pairs: list[tuple[str, str]], gold: int, demos: lis
                   use_chat_template: bool) -> str:
     context = "JSON data:\n" + json.dumps(dict(pairs), indent=1)
     demo_text = "".join(DEMO_TEMPLATE.format(key=json.dumps(k), value=v) + "\n\n" for k, v in demos)
-    user = USER_TEMPLATE.format(context=context, demos=demo_text, question=json.dumps(pairs[gold][0]))
-    if use_chat_template and tokenizer.chat_template:
-        head = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        return head + ASSISTANT_PREFIX
-    return user + "\n" + ASSISTANT_PREFIX
-
-
-def _n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return Prompt(USER_TEMPLATE, context, {"demos": demo_text, "question": json.dumps(pairs[gold][0])},
+                  ASSISTANT_PREFIX).render(tokenizer, use_chat_template)
 
 
 def make_example(tokenizer, length: int, depth: float, budget: int, seed: int, use_chat_template: bool) -> JsonKVExample:
@@ -60,12 +55,12 @@ def make_example(tokenizer, length: int, depth: float, budget: int, seed: int, u
         return render_prompt(tokenizer, pool[:n], gold, demos, use_chat_template), gold
 
     lo, hi = 1, len(pool)
-    if _n_tokens(tokenizer, build(1)[0]) > target:
+    if n_tokens(tokenizer, build(1)[0]) > target:
         raise ValueError(f"eval.json_kv.lengths: {length} tokens cannot hold even one key-value pair "
                          f"with a {budget}-token answer budget")
     while lo < hi:  # largest n with prompt tokens <= target
         mid = (lo + hi + 1) // 2
-        if _n_tokens(tokenizer, build(mid)[0]) <= target:
+        if n_tokens(tokenizer, build(mid)[0]) <= target:
             lo = mid
         else:
             hi = mid - 1

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from prolong import assets
-from prolong.config import Recipe
+from prolong.config import DomainConfig, FileSource, Recipe
 from prolong.errors import ConfigError
 from prolong.eval import helmet, report, synthetic
 from prolong.eval.json_kv import make_examples
@@ -65,19 +65,12 @@ def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device) -> dic
     return results
 
 
-def _haystack(path: str) -> str:
-    """Prose for the needle task: a .txt file, or the ``text`` fields of a .jsonl file."""
-    import fsspec
+def _source_texts(source, where: str, seed: int):
+    """Texts of a recipe source (files / hf), read by the data stage's own readers."""
+    from prolong.data.sources import iter_documents
 
-    ref = assets.resolve(path)
-    try:
-        with fsspec.open(ref, "rt", encoding="utf-8") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"eval.needle.haystack: {ref} does not exist") from None
-    if ref.endswith(".jsonl"):
-        return "\n\n".join(json.loads(line).get("text", "") for line in raw.splitlines() if line.strip())
-    return raw
+    return (d.text for d in iter_documents(where, DomainConfig(kind="long", source=source), seed, where=where)
+            if d.text)
 
 
 def _timed(fn, *args, **kwargs):
@@ -106,7 +99,8 @@ def run_recall_and_synthetic(cfg, model, tok, chat: bool, device) -> list[dict]:
                           "score": 100 * synthetic.passkey_score(pred, ex.answer), "seconds": secs})
     if cfg.needle is not None:
         nd = cfg.needle
-        for ex in synthetic.needle_examples(tok, _haystack(nd.haystack), cfg.lengths_of(nd), nd.depths,
+        haystack = "\n\n".join(_source_texts(FileSource(type="files", path=nd.haystack), "eval.needle.haystack", 0))
+        for ex in synthetic.needle_examples(tok, haystack, cfg.lengths_of(nd), nd.depths,
                                             nd.max_new_tokens + 1):
             (pred, n), secs = _timed(generate, model, tok, ex.prompt, nd.max_new_tokens, device)
             items.append({"dataset": "needle", "length": ex.length, "depth": ex.depth, "input_tokens": n,
@@ -189,12 +183,8 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str) -> None:
                 use_chat = cfg.helmet.use_chat_template if cfg.helmet.use_chat_template is not None else chat
                 items += run_helmet(cfg, model, tok, use_chat, world.device)
             if cfg.perplexity is not None:
-                from prolong.config import DomainConfig
-                from prolong.data.sources import iter_documents
-
                 pc = cfg.perplexity
-                docs = (d.text for d in iter_documents("perplexity", DomainConfig(kind="long", source=pc.source),
-                                                       recipe.seed, where="eval.perplexity.source") if d.text)
+                docs = _source_texts(pc.source, "eval.perplexity.source", recipe.seed)
                 extra["perplexity"] = long_document_loss(model, tok, docs, length=pc.length, last=pc.last,
                                                          max_docs=pc.max_docs, device=world.device)
             del model
