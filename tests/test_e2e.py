@@ -86,7 +86,7 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
 
 
 def _job_pid(stage: str, store_url: str) -> int | None:
-    out = subprocess.run(["pgrep", "-f", f"torch.distributed.run .*prolong.jobs.entry {stage} {store_url}"],
+    out = subprocess.run(["pgrep", "-f", f"prolong.jobs.launch .*prolong.jobs.entry {stage} {store_url}"],
                          capture_output=True, text=True).stdout.split()
     return int(out[0]) if out else None
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from prolong.config import load_recipe
 from prolong.errors import StageError
 from prolong.jobs import JobState
+from prolong.jobs.supervise import descendants
 from prolong.pipeline import RunContext, job_spec, publish_recipe, run_stage
 from prolong.store import Store
 from tests.conftest import ROOT
@@ -75,3 +76,53 @@ def test_checkpoints_of_other_inputs_are_refused_not_overwritten(tmp_path):
     assert "were made for other inputs" in str(err.value) and "--from-stage stage1" in str(err.value)
     assert marker.exists()  # nothing was deleted
     assert run_stage(changed, "stage1", force=True).manifest.metrics["resumed_from_step"] is None
+
+
+def _wait_for_step(ctx: RunContext, job, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() == JobState.RUNNING:
+        progress = ctx.store.local_path(f"{ctx.run}/stage1/progress.json")
+        if progress.exists() and '"step": ' in (text := progress.read_text()):
+            import json
+
+            if json.loads(text).get("step", 0) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the job did not reach step {step}: {job.tail()}")
+
+
+def _ranks(job) -> list[int]:
+    """The training processes of a local job (not torchrun, not the supervisor)."""
+    pids = []
+    for pid in descendants(job.proc.pid):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"prolong.jobs.entry" in cmd and b"prolong.jobs.launch" not in cmd:
+            pids.append(pid)
+    return pids
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1 to the ranks", "cancel (SIGTERM to the job)"])
+def test_a_scheduler_signal_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path, how):
+    # no periodic checkpoints: whatever is resumed from was written because of the signal
+    ctx = context(tmp_path, "sig", [*OVERRIDES, "stage1.checkpoint_every=0", "stage1.steps=40"])
+    job = ctx.backend.submit(job_spec(ctx, "stage1", "first"))
+    _wait_for_step(ctx, job, 2)
+    if how.startswith("SIGUSR1"):
+        for pid in _ranks(job):
+            os.kill(pid, signal.SIGUSR1)
+        assert job.wait() == JobState.FAILED and job.exit_code == 75, job.tail()
+        assert any("stopped by SIGUSR1 at step" in line for line in job.tail(40)), job.tail(40)
+    else:
+        job.cancel(grace_s=60)
+        assert job.poll() == JobState.CANCELLED
+        assert any("SIGTERM received" in line for line in job.tail(40)), job.tail(40)
+    saved = sorted(p.name for p in ctx.store.local_path("sig/stage1/checkpoints").glob("step_*")
+                   if (p / "COMPLETE").exists())
+    assert saved, job.tail(40)
+    step = int(saved[-1].removeprefix("step_"))
+    assert 2 <= step < 40
+    result = run_stage(ctx, "stage1")
+    assert result.manifest.metrics["resumed_from_step"] == step

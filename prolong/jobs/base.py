@@ -17,6 +17,10 @@ from typing import Callable
 from prolong.errors import ConfigError
 
 
+# a rank that saved a checkpoint on a scheduler's signal exits with this (EX_TEMPFAIL): run it again
+REQUEUE_EXIT_CODE = 75
+
+
 class JobState(str, enum.Enum):
     PENDING = "pending"
     RUNNING = "running"
@@ -38,6 +42,8 @@ class JobSpec:
     nproc_per_node: int = 1
     env: dict[str, str] = field(default_factory=dict)
     time_limit_s: float | None = None
+    # cancel/limit: SIGTERM first, so ranks can save a checkpoint (prolong.train.preemption), SIGKILL after this
+    stop_grace_s: float = 30.0
     module: str = "prolong.jobs.entry"
 
 
@@ -53,8 +59,9 @@ class JobHandle(ABC):
         """Log lines written since the last call."""
 
     @abstractmethod
-    def cancel(self, grace_s: float = 10.0) -> None:
-        """Stop the job and every process it started."""
+    def cancel(self, grace_s: float | None = None) -> None:
+        """Stop the job and every process it started: SIGTERM, then SIGKILL after ``grace_s``
+        (default: the spec's ``stop_grace_s``)."""
 
     @property
     @abstractmethod

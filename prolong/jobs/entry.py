@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("store")
     parser.add_argument("run")
     args = parser.parse_args(argv)
+    if "LOCAL_RANK" in os.environ:  # a rank of torchrun: never outlive it
+        from prolong.jobs.supervise import die_with_parent
+
+        die_with_parent()
     _setup_logging()
     try:
         from prolong.config import recipe_from_dict

@@ -1,9 +1,11 @@
-"""The local backend: ``torchrun`` on this machine, in its own process group.
+"""The local backend: ``torchrun`` on this machine under a supervisor (``prolong.jobs.supervise``).
 
-The group is the unit of control: cancel and the wall-clock limit send SIGTERM to the whole group
-(torchrun and every rank it spawned), then SIGKILL after a grace period. The group's leader is a
-small supervisor (``prolong.jobs.supervise``) that also ends the group if the submitting process
-dies without cancelling, so a killed worker or flow run never leaves training running unobserved.
+The supervisor leads the job's process group and tracks every process of the job (torchrun puts
+each rank in a session of its own, so the process group alone is not enough). Cancel and the
+wall-clock limit send it SIGTERM: it passes SIGTERM to the whole tree — ranks checkpoint and exit —
+and SIGKILLs what is left after the job's grace period. If the supervisor itself does not finish in
+time, the backend SIGKILLs the tree it saw. The supervisor also stops the job if the submitting
+process dies without cancelling, so a killed worker or flow run never leaves training running.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import sys
 import time
 
 from prolong.jobs.base import JobBackend, JobHandle, JobSpec, JobState
+from prolong.jobs.supervise import descendants
 
 
 class LocalJob(JobHandle):
     def __init__(self, spec: JobSpec):
         self.spec = spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "prolong.jobs.supervise", str(os.getpid()), "--",
-               sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+        cmd = [sys.executable, "-m", "prolong.jobs.supervise", str(os.getpid()), str(spec.stop_grace_s), "--",
+               sys.executable, "-m", "prolong.jobs.launch", "--standalone", "--nnodes=1",
                f"--nproc_per_node={spec.nproc_per_node}", "-m", spec.module, *spec.args]
         env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
         self._log = open(spec.log_path, "ab", buffering=0)
@@ -59,21 +62,30 @@ class LocalJob(JobHandle):
         self._partial = lines.pop()
         return [ln.decode(errors="replace") for ln in lines]
 
-    def _kill_group(self, grace_s: float = 10.0) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
+    def _kill_group(self, grace_s: float | None = None) -> None:
+        if self.proc.poll() is not None and not descendants(self.proc.pid):
             return
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            time.sleep(0.1)
-        try:  # SIGKILL the group even if the leader exited: ranks may linger
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        tree = [self.proc.pid, *descendants(self.proc.pid)]  # for the last resort below
+        try:
+            os.kill(self.proc.pid, signal.SIGTERM)  # the supervisor stops the tree, gracefully first
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + (self.spec.stop_grace_s if grace_s is None else grace_s) + 5.0
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.1)
+        if self.proc.poll() is None:  # the supervisor is stuck: kill everything it had
+            for pid in [*tree, *descendants(self.proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait()
 
-    def cancel(self, grace_s: float = 10.0) -> None:
+    def cancel(self, grace_s: float | None = None) -> None:
         if self._state.finished and self.proc.poll() is not None:
             return
         self._kill_group(grace_s)

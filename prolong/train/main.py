@@ -32,6 +32,7 @@ from prolong.train.batch import collate
 from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile, StageReport
 from prolong.train.flops import FlopCounter, peak_flops
 from prolong.train.checkpoint import Checkpointer, step_dir
+from prolong.train.preemption import StopOnSignal
 from prolong.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
 
         callbacks = [ConsoleLogger(), MetricsFile(store, rec.rel("metrics.jsonl"), tmp / "metrics.jsonl"),
                      ProgressFile(store, rec.rel("progress.json"), stage), Checkpointing(cfg.checkpoint_every),
-                     StageReport(store, rec.prefix, stage, tmp / "metrics.jsonl", tmp)]
+                     StageReport(store, rec.prefix, stage, tmp / "metrics.jsonl", tmp),
+                     StopOnSignal(stage)]  # last: it sees this step's metrics and checkpoint already recorded
         trainer = Trainer(engine, iter(loader), cfg, world, accumulation=accumulation,
                           callbacks=callbacks, state=state, save_checkpoint=save, flops=FlopCounter.for_model(lm),
                           peak_flops=peak_flops(world.device, recipe.jobs.peak_tflops), sequence_parallel=sp)
