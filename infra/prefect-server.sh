@@ -9,6 +9,8 @@ home="${PREFECT_SERVER_HOME:-$root/.prefect}"
 pidfile="$home/server.pid"
 url="http://127.0.0.1:$port/api"
 export PREFECT_HOME="$home" PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_ENABLED=true
+# the UI in the browser calls this API URL; its default assumes port 4200
+export PREFECT_SERVER_UI_API_URL="$url"
 
 healthy() { curl -sf --max-time 2 "$url/health" >/dev/null 2>&1; }
 

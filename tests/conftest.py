@@ -150,7 +150,9 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": ""}
+           "PREFECT_API_URL": "",
+           # the UI's browser code calls this URL (its default is port 4200, not this server's port)
+           "PREFECT_SERVER_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
