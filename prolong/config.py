@@ -243,22 +243,62 @@ class JsonKVConfig(_Config):
     seed: int = 0
 
 
-HELMET_DATASETS = ("nq", "hotpotqa", "popqa", "msmarco", "trec_coarse", "trec_fine", "banking77", "clinc150",
-                   "nlu", "narrativeqa", "multi_lexsum")
+HELMET_DATASETS = ("nq", "triviaqa", "hotpotqa", "popqa", "msmarco", "trec_coarse", "trec_fine", "banking77",
+                   "clinc150", "nlu", "narrativeqa", "multi_lexsum")
+# the ProLong paper's subset of HELMET (TriviaQA, in HELMET's RAG average, is available but not run by default)
+HELMET_DEFAULT_DATASETS = [d for d in HELMET_DATASETS if d != "triviaqa"]
+HELMET_HF_DATASETS = ("trec_coarse", "trec_fine", "banking77", "clinc150", "nlu", "narrativeqa", "multi_lexsum")
+
+
+class HelmetHFConfig(_Config):
+    """One HELMET dataset read through Hugging Face ``datasets``, as HELMET itself reads it."""
+
+    # a hub id, a save_to_disk folder, a folder of data files, or "json"/"parquet" with data_files;
+    # None: HELMET's hub id (and its subset: multi_lexsum v20230518, clinc150 plus)
+    name: str | None = None
+    subset: str | None = None
+    revision: str | None = None  # e.g. refs/convert/parquet for hub datasets that only ship a loading script
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
 
 
 class HelmetConfig(_Config):
     """RAG, re-rank, ICL, long-document QA and summarisation from HELMET's released data files."""
 
-    data_dir: str  # HELMET's `data/` folder: a local path, store-relative path or fsspec URL (s3://...)
-    datasets: list[Literal[HELMET_DATASETS]] = list(HELMET_DATASETS)  # type: ignore[valid-type]
+    # HELMET's `data/` folder (our per-length names or HELMET's own k-named files): a local path,
+    # store-relative path or fsspec URL (s3://...); not needed when every dataset comes from `hf`
+    data_dir: str | None = None
+    datasets: list[Literal[HELMET_DATASETS]] = HELMET_DEFAULT_DATASETS  # type: ignore[valid-type]
+    # ICL, NarrativeQA and Multi-LexSum through `datasets` instead of data_dir's JSONL exports
+    hf: dict[Literal[HELMET_HF_DATASETS], HelmetHFConfig] = {}  # type: ignore[valid-type]
     lengths: list[Tokens] | None = None  # default: eval.lengths
-    max_items: int = Field(default=100, gt=0)  # per dataset and length (HELMET: 100; ICL 500)
+    max_items: int = Field(default=100, gt=0)  # per dataset and length (HELMET: 100)
+    # per ICL dataset and length; None: 5 × max_items (HELMET: 500 against 100)
+    icl_max_items: int | None = Field(default=None, gt=0)
+    shots: int = Field(default=2, ge=0)  # demonstrations for RAG, re-rank, QA and Summ (HELMET: 2)
     # generation budgets by task kind (rag, rerank, icl, narrativeqa, multi_lexsum); default HELMET's
     max_new_tokens: dict[Literal["rag", "rerank", "icl", "narrativeqa", "multi_lexsum"], int] = {}
     seed: int = 42
-    # chat template for the instruction-tuned model; HELMET's default: on, off for base models
-    use_chat_template: bool | None = None  # None: on when evaluating the SFT stage
+    # chat template: None follows HELMET's configs (on for QA and Summ when evaluating the SFT stage,
+    # off for RAG, re-rank and ICL); true/false forces it for every task
+    use_chat_template: bool | None = None
+    # HELMET cuts books and case files with Llama-2's tokenizer (meta-llama/Llama-2-7b-hf) before the
+    # model's own cut; None: the evaluated model's tokenizer
+    truncation_tokenizer: str | None = None
+    # HELMET keeps NarrativeQA stories over 128K and Multi-LexSum cases of 64K+ tokens; applied when
+    # reading the raw sets (hf, or HELMET's multi_lexsum_val.jsonl), not to our own JSONL exports
+    min_context_tokens: dict[Literal["narrativeqa", "multi_lexsum"], int] = {"narrativeqa": 131073,
+                                                                             "multi_lexsum": 65536}
+    # Multi-LexSum key points: HELMET's multi_lexsum_val.jsonl (id, summary/short_keypoints), a path
+    # or URL, relative paths under data_dir; default: data_dir's multi_lexsum/multi_lexsum_val.jsonl
+    # when present; items without key points get them from the judge
+    key_points: str | None = None
+
+    @model_validator(mode="after")
+    def _sources(self):
+        from_files = [d for d in self.datasets if d not in self.hf]
+        if self.data_dir is None and from_files:
+            raise ValueError(f"data_dir: needed for {', '.join(from_files)} (or list them under hf)")
+        return self
 
 
 class PasskeyConfig(_Config):
@@ -300,6 +340,13 @@ class JudgeConfig(_Config):
     retries: int = Field(default=3, ge=0)
     timeout_s: float = Field(default=120, gt=0)
     backoff_s: float = Field(default=2.0, ge=0)
+    # HELMET's judge calls (scripts/eval_gpt4_*.py): temperature 0.1, top_p 0.9, seed 42, up to 4096 tokens
+    temperature: float = Field(default=0.1, ge=0)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    seed: int | None = 42
+    max_tokens: int = Field(default=4096, gt=0)
+    # "card": the ProLong model card's QA and summary-fluency rubrics; "helmet": HELMET's scripts' wording
+    rubrics: Literal["card", "helmet"] = "card"
 
 
 class LmEvalConfig(_Config):

@@ -134,10 +134,13 @@ def stage_state(store: Store, run: str, recipe: Recipe, stage: str) -> tuple[str
 class StageRecorder:
     """Used inside a stage's job: collects outputs, then writes the manifest last."""
 
-    def __init__(self, store: Store, run: str, recipe: Recipe, stage: str):
+    def __init__(self, store: Store, run: str, recipe: Recipe, stage: str, *, prefix: str | None = None,
+                 upstream: dict[str, str] | None = None):
+        """``prefix``/``upstream`` place a stage's work elsewhere with other inputs: an evaluation
+        of a snapshot (prolong.snapshots) is the eval stage's work on another model."""
         self.store, self.run, self.recipe, self.stage = store, run, recipe, stage
-        self.prefix = stage_prefix(run, stage)
-        self.upstream = upstream_digests(store, run, recipe, stage)
+        self.prefix = prefix or stage_prefix(run, stage)
+        self.upstream = upstream if upstream is not None else upstream_digests(store, run, recipe, stage)
         self.config_digest = config_digest(recipe, stage)
         self.input_key = input_key(self.config_digest, self.upstream)
         self.started_at = now()

@@ -30,7 +30,11 @@ class Judge:
     retries: int = 3
     timeout_s: float = 120.0
     backoff_s: float = 2.0
-    max_tokens: int = 1024
+    max_tokens: int = 4096
+    temperature: float = 0.1
+    top_p: float = 0.9
+    seed: int | None = 42
+    rubrics: str = "card"  # "card" | "helmet": which wording grades QA and a summary's fluency
 
     @classmethod
     def from_config(cls, cfg) -> "Judge":
@@ -38,14 +42,17 @@ class Judge:
         if not base_url:
             raise JudgeError("eval.judge.base_url: not set (nor PROLONG_JUDGE_BASE_URL / OPENAI_BASE_URL)")
         return cls(base_url=base_url.rstrip("/"), model=cfg.model, api_key=os.environ.get(cfg.api_key_env),
-                   retries=cfg.retries, timeout_s=cfg.timeout_s, backoff_s=cfg.backoff_s)
+                   retries=cfg.retries, timeout_s=cfg.timeout_s, backoff_s=cfg.backoff_s, max_tokens=cfg.max_tokens,
+                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, rubrics=cfg.rubrics)
 
     def complete(self, prompt: str) -> str:
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
-                "max_tokens": self.max_tokens}
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        if self.seed is not None:
+            body["seed"] = self.seed
         response = httpx.post(f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout_s)
         if response.status_code != 200:
             raise JudgeError(f"judge endpoint answered HTTP {response.status_code}")
@@ -54,8 +61,8 @@ class Judge:
         except (ValueError, KeyError, IndexError, TypeError):
             raise JudgeError("judge endpoint returned no chat completion") from None
 
-    def score(self, prompt: str, keys: tuple[str, ...]) -> tuple[dict, str]:
-        """Ask until the reply holds a JSON object with numeric ``keys``; returns (scores, raw reply)."""
+    def ask(self, prompt: str, parse, wanted: str):
+        """Ask until ``parse(reply)`` gives something; returns (parsed, raw reply)."""
         import httpx
 
         last = "no attempt"
@@ -68,56 +75,89 @@ class Judge:
                 last = str(e) if isinstance(e, JudgeError) else f"{type(e).__name__} talking to the judge endpoint"
                 log.warning("judge: attempt %d/%d failed: %s", attempt + 1, self.retries + 1, last)
                 continue
-            scores = parse_scores(reply, keys)
-            if scores is not None:
-                return scores, reply
-            last = f"unparsable judgment (wanted {', '.join(keys)})"
+            parsed = parse(reply)
+            if parsed is not None:
+                return parsed, reply
+            last = f"unparsable judgment (wanted {wanted})"
             log.warning("judge: attempt %d/%d: %s", attempt + 1, self.retries + 1, last)
         raise JudgeError(last)
 
+    def score(self, prompt: str, keys: tuple[str, ...]) -> tuple[dict, str]:
+        """Ask until the reply holds a JSON object with numeric ``keys``; returns (scores, raw reply)."""
+        return self.ask(prompt, lambda reply: parse_scores(reply, keys), ", ".join(keys))
 
-def parse_scores(reply: str, keys: tuple[str, ...]) -> dict | None:
-    """The last JSON object in ``reply`` that has every key with a number (judges reason first)."""
+
+def _json_objects(reply: str) -> list[dict]:
+    """The flat JSON objects in ``reply``, last first (judges reason before they answer)."""
+    out = []
     for match in reversed(re.findall(r"\{[^{}]*\}", reply)):
         try:
             obj = json.loads(match)
         except json.JSONDecodeError:
             continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def parse_scores(reply: str, keys: tuple[str, ...]) -> dict | None:
+    """The last JSON object in ``reply`` that has every key with a number."""
+    for obj in _json_objects(reply):
         if all(isinstance(obj.get(k), (int, float)) and not isinstance(obj.get(k), bool) for k in keys):
             return {k: float(obj[k]) for k in keys}
     return None
 
 
-def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+def parse_key_points(reply: str) -> list[str] | None:
+    for obj in _json_objects(reply):
+        points = obj.get("key_points")
+        if isinstance(points, list) and points and all(isinstance(p, str) and p.strip() for p in points):
+            return [p.strip() for p in points]
+    return None
 
 
 def judge_qa(judge: Judge, question: str, answers: list[str], output: str) -> dict:
-    """The card's QA rubric: fluency (0/1) × correctness (0-3), as 0-100."""
+    """fluency (0/1) × correctness (0-3), as 0-100: HELMET's gpt-4-score × 100/3. ``output`` is the
+    parsed answer; the correct answers are written as HELMET writes them (a Python list)."""
+    from prolong.eval.helmet_rubrics import HELMET_QA
     from prolong.eval.rubrics import QA_RUBRIC
 
-    scores, _ = judge.score(QA_RUBRIC.format(question=question, correct_answers=json.dumps(answers), output=output),
-                            ("fluency", "correctness"))
-    return {**scores, "score": 100 * scores["fluency"] * min(scores["correctness"], 3) / 3}
+    fields = {"question": question, "correct_answers": str(list(answers))}
+    prompt = (HELMET_QA.format(parsed_output=output, **fields) if judge.rubrics == "helmet"
+              else QA_RUBRIC.format(output=output, **fields))
+    scores, _ = judge.score(prompt, ("fluency", "correctness"))
+    return {**scores, "score": 100 * scores["fluency"] * scores["correctness"] / 3}
 
 
-def judge_summary(judge: Judge, output: str, short: str, long: str, key_points: list[str] | None = None) -> dict:
-    """fluency (the card's rubric) × F1 of key-point recall and sentence precision, as 0-100."""
-    from prolong.eval.rubrics import KEY_POINT_RECALL, MULTI_LEXSUM_RUBRIC, SENTENCE_PRECISION
+def judge_summary(judge: Judge, output: str, short: str, long: str, key_points: list[str]) -> dict:
+    """HELMET's gpt-4-f1 as 0-100: fluency × F1 of key-point recall (the judge's count of the short
+    summary's key points in the output) and precision (its count of the output's sentences that
+    the long expert summary supports, over its own sentence count). Fluency comes from the card's
+    rubric (which also gives ``card_correctness``) or HELMET's fluency prompt."""
+    from prolong.eval.helmet_rubrics import HELMET_FLUENCY, HELMET_PRECISION, HELMET_RECALL
+    from prolong.eval.rubrics import MULTI_LEXSUM_RUBRIC
 
-    card, _ = judge.score(MULTI_LEXSUM_RUBRIC.format(long_expert_summary=long, short_expert_summary=short,
-                                                     output=output), ("fluency", "correctness"))
-    points = key_points or _sentences(short)
-    sentences = _sentences(output)
-    if not sentences:
-        return {"fluency": card["fluency"], "recall": 0.0, "precision": 0.0, "score": 0.0,
-                "card_correctness": card["correctness"]}
-    found, _ = judge.score(KEY_POINT_RECALL.format(key_points="\n".join(f"- {p}" for p in points), output=output),
-                           ("supported",))
-    kept, _ = judge.score(SENTENCE_PRECISION.format(expert_summary=long, sentences="\n".join(f"- {s}" for s in sentences)),
-                          ("supported",))
-    recall = min(found["supported"], len(points)) / len(points)
-    precision = min(kept["supported"], len(sentences)) / len(sentences)
-    f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
-    return {"fluency": card["fluency"], "recall": recall, "precision": precision, "f1": f1,
-            "card_correctness": card["correctness"], "score": 100 * card["fluency"] * f1}
+    output = output.strip()
+    if judge.rubrics == "helmet":
+        fluency, _ = judge.score(HELMET_FLUENCY.format(text=output), ("fluency",))
+    else:
+        fluency, _ = judge.score(MULTI_LEXSUM_RUBRIC.format(long_expert_summary=long, short_expert_summary=short,
+                                                            output=output), ("fluency", "correctness"))
+    found, _ = judge.score(HELMET_RECALL.format(keypoints="\n".join(f"{i + 1}. {p}" for i, p in enumerate(key_points)),
+                                                summary=output), ("recall",))
+    kept, _ = judge.score(HELMET_PRECISION.format(expert_summary=long, summary=output), ("precision", "sentence_count"))
+    recall = found["recall"] / len(key_points) if key_points else 0.0
+    precision = kept["precision"] / kept["sentence_count"] if kept["sentence_count"] > 0 else 0.0
+    f1 = fluency["fluency"] * 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
+    out = {"fluency": fluency["fluency"], "recall": recall, "precision": precision, "f1": f1, "score": 100 * f1}
+    if "correctness" in fluency:
+        out["card_correctness"] = fluency["correctness"]
+    return out
+
+
+def extract_key_points(judge: Judge, summary: str) -> list[str]:
+    """Key points of an expert summary, from the judge (for cases HELMET's release has none for)."""
+    from prolong.eval.helmet_rubrics import KEY_POINTS
+
+    points, _ = judge.ask(KEY_POINTS.format(summary=summary.strip()), parse_key_points, "key_points")
+    return points

@@ -16,14 +16,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from prolong import assets
-from prolong.config import DomainConfig, FileSource, Recipe
+from prolong.config import DomainConfig, FileSource, Recipe, recipe_from_dict
 from prolong.errors import ConfigError
-from prolong.eval import helmet, report, synthetic
+from prolong.eval import report, synthetic
+from prolong.eval.helmet_run import run_helmet
 from prolong.eval.json_kv import make_examples
-from prolong.eval.judge import Judge, JudgeError, judge_qa, judge_summary
-from prolong.eval.metrics import ndcg_at_k, parse_ranking, substring_exact_match, token_f1
+from prolong.eval.metrics import substring_exact_match
 from prolong.eval.perplexity import long_document_loss
-from prolong.eval.prompts import fit, generate
+from prolong.eval.prompts import generate
 from prolong.manifest import StageRecorder, read_manifest, stage_prefix
 from prolong.model.load import DTYPES
 from prolong.parallel import init_world
@@ -79,13 +79,15 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def run_recall_and_synthetic(cfg, model, tok, chat: bool, device) -> list[dict]:
+def run_recall_and_synthetic(cfg, model, tok, device) -> list[dict]:
     items = []
     if cfg.json_kv is not None:
         kv = cfg.json_kv
+        # HELMET's recall configs prompt every model without the chat template
         for ex in make_examples(tok, cfg.lengths_of(kv), kv.depths, kv.samples_per_depth, kv.max_new_tokens + 1,
-                                kv.seed, chat):
+                                kv.seed, use_chat_template=False):
             (pred, n), secs = _timed(generate, model, tok, ex.prompt, kv.max_new_tokens, device)
+            pred = pred.strip()
             items.append({"dataset": "json_kv", "length": ex.length, "depth": ex.depth, "input_tokens": n,
                           "num_pairs": ex.num_pairs, "answer": ex.answer, "prediction": pred,
                           "score": 100 * substring_exact_match(pred, ex.answer), "seconds": secs})
@@ -94,6 +96,7 @@ def run_recall_and_synthetic(cfg, model, tok, chat: bool, device) -> list[dict]:
         for ex in synthetic.passkey_examples(tok, cfg.lengths_of(pk), pk.depths, pk.samples_per_depth,
                                              pk.max_new_tokens + 1, pk.seed):
             (pred, n), secs = _timed(generate, model, tok, ex.prompt, pk.max_new_tokens, device)
+            pred = pred.strip()
             items.append({"dataset": "passkey", "length": ex.length, "depth": ex.depth, "input_tokens": n,
                           "answer": ex.answer, "prediction": pred,
                           "score": 100 * synthetic.passkey_score(pred, ex.answer), "seconds": secs})
@@ -103,49 +106,10 @@ def run_recall_and_synthetic(cfg, model, tok, chat: bool, device) -> list[dict]:
         for ex in synthetic.needle_examples(tok, haystack, cfg.lengths_of(nd), nd.depths,
                                             nd.max_new_tokens + 1):
             (pred, n), secs = _timed(generate, model, tok, ex.prompt, nd.max_new_tokens, device)
+            pred = pred.strip()
             items.append({"dataset": "needle", "length": ex.length, "depth": ex.depth, "input_tokens": n,
                           "answer": ex.answer, "prediction": pred,
                           "score": 100 * substring_exact_match(pred, ex.answer), "seconds": secs})
-    return items
-
-
-def _score_helmet(item: helmet.HelmetItem, pred: str, judge: Judge | None) -> dict:
-    """Score one HELMET item; judge failures become failed items, never 0."""
-    if item.kind == "rag":
-        return {"score": 100 * substring_exact_match(pred, item.answers)}
-    if item.kind == "icl":  # the first number the model writes is its label
-        import re
-
-        found = re.findall(r"\d+", pred)
-        return {"score": 100.0 * bool(found and found[0] == item.answers[0])}
-    if item.kind == "rerank":
-        ranking = parse_ranking(pred)
-        return {"score": 100 * ndcg_at_k(ranking, item.meta["qrels"], k=10), "ranking": ranking[:10]}
-    auto = {"f1": 100 * token_f1(pred, item.answers)}
-    if judge is None:
-        return {**auto, "unscored": "no judge endpoint (eval.judge)"}
-    try:
-        if item.kind == "narrativeqa":
-            return {**auto, **judge_qa(judge, item.meta["question"], item.answers, pred)}
-        return {**auto, **judge_summary(judge, pred, item.answers[0], item.meta["summary_long"],
-                                        item.meta.get("key_points"))}
-    except JudgeError as e:
-        return {**auto, "failed": True, "error": str(e)}
-
-
-def run_helmet(cfg, model, tok, chat: bool, device) -> list[dict]:
-    hc = cfg.helmet
-    judge = Judge.from_config(cfg.judge) if cfg.judge is not None else None
-    data = helmet.HelmetData(hc.data_dir)
-    items = []
-    for it in helmet.build_items(data, hc.datasets, cfg.lengths_of(hc), hc.max_items, hc.seed):
-        budget = hc.max_new_tokens.get(it.kind, it.max_new_tokens)
-        text, cut = fit(it.prompt, tok, it.length - budget - 1, chat)
-        (pred, n), secs = _timed(generate, model, tok, text, budget, device,
-                                 stop_at_newline=it.kind in ("rag", "icl", "rerank"))
-        row = {"dataset": it.dataset, "length": it.length, "input_tokens": n, "context_tokens_cut": cut,
-               "answers": it.answers, "prediction": pred, "seconds": secs, **_score_helmet(it, pred, judge)}
-        items.append(row)
     return items
 
 
@@ -157,31 +121,37 @@ def _check_lengths(cfg, model) -> None:
         raise ConfigError(f"eval.lengths: {longest} tokens is beyond the model's max_position_embeddings {limit}")
 
 
-def run_eval_stage(recipe: Recipe, store: Store, run: str) -> None:
+def run_eval_stage(recipe: Recipe, store: Store, run: str, snapshot: str | None = None) -> None:
+    """The eval stage on ``eval.model_from``'s weights; with ``snapshot`` (a folder written by
+    prolong.snapshots, holding request.json) the same evaluation of another model, into that folder."""
     world = init_world()
-    cfg = recipe.eval
-    rec = StageRecorder(store, run, recipe, "eval")
     if not world.is_main:
         return  # evaluation runs on one process; extra ranks have nothing to do
-    upstream = read_manifest(store, run, cfg.model_from)
-    seq_len = recipe.train_stage(cfg.model_from).seq_len
+    request = store.read_json(f"{snapshot}/request.json") if snapshot is not None else None
+    if request is not None:
+        recipe = recipe_from_dict(request["recipe"])
+    cfg = recipe.eval
+    if request is None:
+        rec = StageRecorder(store, run, recipe, "eval")
+        model_stage = cfg.model_from
+        rel = f"{stage_prefix(run, model_stage)}/{read_manifest(store, run, model_stage).artifacts['hf_model']}"
+    else:
+        rec = StageRecorder(store, run, recipe, "eval", prefix=snapshot, upstream=request["upstream"])
+        model_stage, rel = request["model_stage"], request["model"]
+    seq_len = recipe.train_stage(model_stage).seq_len
     if not any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity, cfg.lm_eval)):
         raise ConfigError("eval: enable at least one of json_kv, helmet, passkey, needle, perplexity, lm_eval")
     rec.invalidate()
     with tempfile.TemporaryDirectory(prefix="prolong-eval-") as tmp_:
         tmp = Path(tmp_)
-        rel = f"{stage_prefix(run, cfg.model_from)}/{upstream.artifacts['hf_model']}"
         model_dir = str(store.local_path(rel)) if store.is_local else str(store.get_dir(rel, tmp / "model"))
         items, extra = [], {}
         if any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity)):
             model, tok = _load_for_generation(model_dir, recipe.model.dtype, world.device)
             _check_lengths(cfg, model)
-            # HELMET: the chat template for instruction-tuned models, plain prompts for base models
-            chat = cfg.model_from == "sft"
-            items += run_recall_and_synthetic(cfg, model, tok, chat, world.device)
-            if cfg.helmet is not None:
-                use_chat = cfg.helmet.use_chat_template if cfg.helmet.use_chat_template is not None else chat
-                items += run_helmet(cfg, model, tok, use_chat, world.device)
+            items += run_recall_and_synthetic(cfg, model, tok, world.device)
+            if cfg.helmet is not None:  # the SFT stage is the instruction-tuned model
+                items += run_helmet(cfg, model, tok, model_stage == "sft", world.device)
             if cfg.perplexity is not None:
                 pc = cfg.perplexity
                 docs = _source_texts(pc.source, "eval.perplexity.source", recipe.seed)
@@ -200,7 +170,7 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str) -> None:
         (tmp / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
         rec.put_file(tmp / "items.jsonl", "items.jsonl")
         rec.write_json("results.json", results)
-        (tmp / "results.md").write_text(report.markdown(run, cfg.model_from, results))
+        (tmp / "results.md").write_text(report.markdown(run, model_stage, results))
         rec.put_file(tmp / "results.md", "results.md")
         charts = report.charts(results, tmp)
         for name in charts:

@@ -72,19 +72,22 @@ def ndcg_at_k(ranking: list[str], qrels: dict[str, int], k: int = 10) -> float:
 
 
 def parse_ranking(text: str) -> list[str]:
-    """Document ids from a re-ranking answer such as ``Ranking: [ID: 3] > ID1 > 2``: one id per
-    ``>``-separated part (``ID``/``Ranking`` words and brackets ignored), first occurrence kept."""
-    text = text.strip()
-    if text.lower().startswith("ranking:"):
-        text = text[len("ranking:"):]
-    text = text.split("\n\n")[0]
-    out, seen = [], set()
-    for part in text.split(">"):
-        tokens = [t for t in re.findall(r"[\w\-]+", part) if t.lower() not in ("id", "ranking")]
-        if not tokens:
-            continue
-        doc = re.sub(r"^(?i:id)(?=\d)", "", tokens[0])  # "ID3" → "3"
-        if doc not in seen:
-            seen.add(doc)
-            out.append(doc)
-    return out
+    """Document ids from a re-ranking answer, as HELMET's ``parse_rankings`` reads them: brackets,
+    colons and every "id" dropped, then the longest ``N > N > ...`` chain of integers, first
+    occurrence kept. With no number at all the whole (cleaned) text is the one id, which matches
+    no document."""
+    text = re.sub(r"[\[\]:]", "", text).lower().replace("id", "")
+    longest = max((m.group(0) for m in re.finditer(r"(\d+)(?:\s*>\s*(\d+))*", text)), key=len, default="")
+    ranking = [n.strip() for n in longest.split(">") if n.strip().isdigit()] if longest else [text]
+    return list(dict.fromkeys(ranking))
+
+
+def parse_output(output: str, prefix: str = "Answer:") -> str | None:
+    """HELMET's ``parse_output``: the rest of the line after ``prefix`` (case-insensitive), else the
+    first line, with a repeated prefix stripped (chat models sometimes echo it)."""
+    for pattern in (re.compile(f"(?:{re.escape(prefix)})(.*)(?:\n|$)", flags=re.IGNORECASE),
+                    re.compile(r"(?:^)(.*)(?:\n|$)")):
+        match = pattern.search(output)
+        if match is not None:
+            return re.sub(f"^{re.escape(prefix)}", "", match[1].strip(), flags=re.IGNORECASE).strip()
+    return None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 CATEGORIES = {
     "Recall": ("json_kv",),
-    "RAG": ("nq", "hotpotqa", "popqa"),
+    "RAG": ("nq", "triviaqa", "hotpotqa", "popqa"),
     "Re-rank": ("msmarco",),
     "ICL": ("trec_coarse", "trec_fine", "banking77", "clinc150", "nlu"),
     "QA": ("narrativeqa",),

@@ -1,6 +1,9 @@
 """The judge rubrics of the ProLong model card (GPT-4o prompts for long-document QA and summaries),
 word for word; only line breaks, lost in the card's flattened text, are restored. ``{{ }}`` are
-literal braces for ``str.format``."""
+literal braces for ``str.format``.
+
+The card gives no wording for the key-point recall and sentence precision behind a summary's F1;
+those are HELMET's own prompts, in ``prolong.eval.helmet_rubrics``."""
 
 QA_RUBRIC = """Please act as an impartial judge and evaluate the quality of the provided answer which attempts to answer the provided question based on a provided context. Although you are not given the context, you will be given a set of correct answers that achieves full scores on all metrics, and you need to assess the provided answers using the correct answers.
 
@@ -45,20 +48,3 @@ Now, read the provided summary and expert summaries, and evaluate the summary us
 Expert long summary: {long_expert_summary}
 Export short summary: {short_expert_summary}
 Provided summary: {output}"""
-
-# HELMET's final summary score is fluency × F1(key-point recall, sentence precision). The card gives
-# only the fluency rubric above for it, so the two checks below are this project's wording of that
-# scheme: the judge counts supported items and answers in JSON, like the rubrics above.
-KEY_POINT_RECALL = """Please act as an impartial judge. Below are the key points of an expert summary of a civil lawsuit, one per line, and a provided summary. Count how many of the key points are supported by the provided summary (stated or clearly implied). First think step-by-step about each key point. Then output your count in the following json format: {{"supported": 0}}.
-
-Key points:
-{key_points}
-
-Provided summary: {output}"""
-
-SENTENCE_PRECISION = """Please act as an impartial judge. Below is an expert summary of a civil lawsuit and the sentences of a provided summary, one per line. Count how many of the provided sentences are supported by the expert summary (consistent with it and relevant to the case). First think step-by-step about each sentence. Then output your count in the following json format: {{"supported": 0}}.
-
-Expert summary: {expert_summary}
-
-Sentences:
-{sentences}"""

@@ -76,17 +76,20 @@ def build(out: Path) -> None:
         rng.shuffle(test)
         _write(out / "icl" / f"{dataset}-train.jsonl", train)
         _write(out / "icl" / f"{dataset}-test.jsonl", test[:6])
-    books = [json.loads(line) for line in (Path(_corpus()) / "books.jsonl").read_text().splitlines()[:40]]
-    books = [b for b in books if len(b["text"]) > 3000][:4]
+    books = [json.loads(line) for line in (Path(_corpus()) / "books.jsonl").read_text().splitlines()[:60]]
+    books = [b for b in books if len(b["text"]) > 3000][:8]
     qa, summ = [], []
     for b in books:
         first = b["text"].split("\n\n")
         qa.append({"context": b["text"], "question": f"What is the module {b['title']} about?",
                    "answers": [first[1] if len(first) > 1 else first[0]]})
-        summ.append({"context": b["text"], "summary_short": first[1] if len(first) > 1 else first[0],
+        summ.append({"id": b["title"], "context": b["text"], "summary_short": first[1] if len(first) > 1 else first[0],
                      "summary_long": "\n\n".join(first[1:4])})
-    _write(out / "narrativeqa" / "test.jsonl", qa)
-    _write(out / "multi_lexsum" / "test.jsonl", summ)
+    # the first four are the test sets; the rest give HELMET's two demonstrations per prompt
+    _write(out / "narrativeqa" / "test.jsonl", qa[:4])
+    _write(out / "narrativeqa" / "train.jsonl", [{"question": r["question"], "answers": r["answers"]} for r in qa[4:]])
+    _write(out / "multi_lexsum" / "test.jsonl", summ[:4])
+    _write(out / "multi_lexsum" / "train.jsonl", [{"summary_short": r["summary_short"]} for r in summ[4:]])
 
 
 def _corpus() -> str:
