@@ -15,6 +15,7 @@ from prolong.config import load_recipe, recipe_to_dict
 from prolong.pipeline import RunContext, publish_recipe, summarize_metrics
 from prolong.stages import STAGES, select_stages, upstream
 from prolong.store import DEFAULT_STORE, open_store
+from flows.secrets import load_secrets
 from tasks.stages import artifact_key, stage_task
 
 
@@ -31,14 +32,17 @@ def _flow_run_name() -> str:
 @flow(name="prolong-recipe", flow_run_name=_flow_run_name, log_prints=True)
 def prolong_recipe(recipe: str = "recipes/tiny.yaml", run_name: str | None = None, store: str = DEFAULT_STORE,
                    stages: list[str] | None = None, from_stage: str | None = None,
-                   overrides: list[str] | None = None) -> dict:
+                   overrides: list[str] | None = None, secrets: dict[str, str] | None = None) -> dict:
     """Run the recipe's stages in order.
 
     recipe: path of a recipe YAML; run_name: folder in the store (default: the recipe's name);
     store: artifact store URL (./runs or s3://bucket/prefix); stages: a subset to run;
-    from_stage: force this stage and every later one to run again; overrides: ["stage1.steps=10", ...].
+    from_stage: force this stage and every later one to run again; overrides: ["stage1.steps=10", ...];
+    secrets: environment variable → Prefect Secret block name, for credentials (S3, judge API key).
     """
     logger = get_run_logger()
+    if names := load_secrets(secrets):
+        logger.info("credentials from Secret blocks: %s", ", ".join(names))
     cfg = load_recipe(recipe, overrides or [])
     run = run_name or cfg.name
     chosen = select_stages(cfg, stages, from_stage)

@@ -1,6 +1,7 @@
 """``prolong``: run a recipe, show a run's status, validate a recipe.
 
     prolong run RECIPE [--store URL] [--run-name NAME] [--stages a,b] [--from-stage NAME] [--set k.path=v ...]
+    prolong evaluate RUN [--store URL] [--recipe RECIPE] [--set k.path=v ...]
     prolong status RUN [--store URL]
     prolong validate RECIPE [--set k.path=v ...]
 
@@ -29,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--from-stage", default=None, help="re-run this stage and every later one")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe field, e.g. --set stage1.steps=10 (repeatable)")
+    run.add_argument("--secret", dest="secrets", action="append", default=[], metavar="ENV=BLOCK",
+                     help="set environment variable ENV from the Prefect Secret block BLOCK (repeatable)")
+
+    ev = sub.add_parser("evaluate", help="evaluate a run's newest checkpoint (the prolong-eval Prefect flow)")
+    ev.add_argument("run")
+    ev.add_argument("--store", default=None)
+    ev.add_argument("--recipe", default=None, help="take the eval settings from this recipe, not the run's own")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--secret", dest="secrets", action="append", default=[], metavar="ENV=BLOCK")
 
     status = sub.add_parser("status", help="show which stages of a run are done")
     status.add_argument("run")
@@ -88,9 +98,32 @@ def _cmd_run(args) -> int:
     from flows.recipe import prolong_recipe
 
     prolong_recipe(recipe=args.recipe, run_name=args.run_name, store=args.store or _default_store(),
-                   stages=stages, from_stage=args.from_stage, overrides=args.overrides)
+                   stages=stages, from_stage=args.from_stage, overrides=args.overrides,
+                   secrets=_secrets(args.secrets))
     print(f"run {args.run_name or recipe.name}: finished; `prolong status {args.run_name or recipe.name}` lists its stages")
     return 0
+
+
+def _cmd_evaluate(args) -> int:
+    _check_prefect_api()
+    from flows.evaluate import prolong_eval
+
+    result = prolong_eval(run_name=args.run, store=args.store or _default_store(), recipe=args.recipe,
+                          overrides=args.overrides, secrets=_secrets(args.secrets))
+    print(f"run {args.run}: {result['snapshot']} {'was already evaluated' if result['skipped'] else 'evaluated'}")
+    return 0
+
+
+def _secrets(pairs: list[str]) -> dict[str, str] | None:
+    from prolong.errors import ConfigError
+
+    out = {}
+    for pair in pairs:
+        var, sep, block = pair.partition("=")
+        if not sep or not var or not block:
+            raise ConfigError(f"--secret: expected ENV=BLOCK, got {pair!r}")
+        out[var] = block
+    return out or None
 
 
 def _check_prefect_api() -> None:
@@ -125,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        return {"run": _cmd_run, "status": _cmd_status, "validate": _cmd_validate}[args.command](args)
+        return {"run": _cmd_run, "evaluate": _cmd_evaluate, "status": _cmd_status,
+                "validate": _cmd_validate}[args.command](args)
     except ProlongError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -66,13 +66,22 @@ def publish_recipe(ctx: RunContext) -> str:
     return digest(data)
 
 
-def job_spec(ctx: RunContext, stage: str, attempt: str) -> JobSpec:
+def job_spec(ctx: RunContext, stage: str, attempt: str, args: list[str] | None = None,
+             label: str | None = None) -> JobSpec:
+    """The job of ``stage`` (or of another job entry, e.g. ``export``, with ``args``); ``label``
+    names the job and its log file when it is not the stage itself."""
     jobs = ctx.recipe.jobs
-    nproc = 1 if stage in ("data", "eval") else jobs.nproc_per_node
+    single = stage in ("data", "eval")  # one process: data preparation, generation-based eval
+    nproc = 1 if single else jobs.nproc_per_node
+    # on a cluster only training spans nodes; data preparation needs no GPU, eval one
+    nnodes = jobs.slurm.nodes if jobs.backend == "slurm" and not single else 1
+    gpus = {"data": 0, "eval": min(1, jobs.slurm.gpus_per_node)}.get(stage)
+    label = label or stage
     return JobSpec(
-        name=f"{ctx.run}-{stage}", args=[stage, ctx.store.url, ctx.run],
-        log_path=ctx.log_dir / ctx.run / f"{stage}-{attempt}.log", nproc_per_node=nproc, env=dict(jobs.env),
-        time_limit_s=jobs.time_limit_minutes * 60 if jobs.time_limit_minutes else None)
+        name=f"{ctx.run}-{label}", args=args or [stage, ctx.store.url, ctx.run],
+        log_path=ctx.log_dir / ctx.run / f"{label}-{attempt}.log", nproc_per_node=nproc, env=dict(jobs.env),
+        time_limit_s=jobs.time_limit_minutes * 60 if jobs.time_limit_minutes else None,
+        nnodes=nnodes, gpus_per_node=gpus, slurm=jobs.slurm)
 
 
 def read_progress(ctx: RunContext, stage: str) -> dict | None:
@@ -95,31 +104,37 @@ def run_stage(ctx: RunContext, stage: str, *, force: bool = False, on_log: Calla
     if force or state == "stale":
         ctx.store.delete(stage_prefix(ctx.run, stage))
     attempt = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    spec = job_spec(ctx, stage, attempt)
-    handle = ctx.backend.submit(spec)
-    log.info("%s: submitted %s (log %s)", stage, handle.job_id, spec.log_path)
 
     def tick():
         if on_progress and (p := read_progress(ctx, stage)):
             on_progress(p)
 
-    final = handle.wait(on_line=on_log, on_tick=tick)
-    log_rel = f"{stage_prefix(ctx.run, stage)}/logs/{attempt}.log"
+    job_id, log_uri = run_job(ctx, job_spec(ctx, stage, attempt), stage,
+                              f"{stage_prefix(ctx.run, stage)}/logs/{attempt}.log", on_log=on_log, on_tick=tick)
+    manifest = read_manifest(ctx.store, ctx.run, stage)
+    if manifest is None or manifest.input_key != key:
+        raise StageError(f"{stage}: the job finished but wrote no manifest for these inputs [log: {log_uri}]")
+    return StageResult(stage, manifest, skipped=False, job_id=job_id, log_uri=log_uri)
+
+
+def run_job(ctx: RunContext, spec: JobSpec, what: str, log_rel: str, *, on_log: Callable[[str], None] | None = None,
+            on_tick: Callable[[], None] | None = None) -> tuple[str, str]:
+    """Submit, stream and wait; keep the log in the store; raise JobError with the job's own error line.
+    Returns (job id, log URI)."""
+    handle = ctx.backend.submit(spec)
+    log.info("%s: submitted %s (log %s)", what, handle.job_id, spec.log_path)
+    final = handle.wait(on_line=on_log, on_tick=on_tick)
     try:
         ctx.store.put_file(spec.log_path, log_rel)
     except (OSError, StoreError) as e:
-        log.warning("%s: could not upload the job log (%s)", stage, e)
+        log.warning("%s: could not upload the job log (%s)", what, e)
     if final != JobState.SUCCEEDED:
         tail = [ln for ln in handle.tail(40) if ln.strip()]
         errors = [ln for ln in tail if ln.startswith("error: ")]
         reason = errors[-1].removeprefix("error: ") if errors else (tail[-1] if tail else "no output")
-        raise JobError(f"{stage}: job {handle.job_id} {final.value} (exit {handle.exit_code}): {reason} "
+        raise JobError(f"{what}: job {handle.job_id} {final.value} (exit {handle.exit_code}): {reason} "
                        f"[log: {ctx.store.uri(log_rel)}]")
-    manifest = read_manifest(ctx.store, ctx.run, stage)
-    if manifest is None or manifest.input_key != key:
-        raise StageError(f"{stage}: the job finished but wrote no manifest for these inputs "
-                         f"[log: {ctx.store.uri(log_rel)}]")
-    return StageResult(stage, manifest, skipped=False, job_id=handle.job_id, log_uri=ctx.store.uri(log_rel))
+    return handle.job_id, ctx.store.uri(log_rel)
 
 
 def status_table(store: Store, run: str, recipe: Recipe) -> list[dict]:

@@ -141,6 +141,19 @@ def s3_store(s3_server, monkeypatch) -> str:
     return f"s3://{bucket}/runs"
 
 
+@pytest.fixture(scope="module")
+def judge_url():
+    """An OpenAI-compatible judge on 127.0.0.1 (tests/eval_judge_server.py): URL modes /ok, /flaky<N>,
+    /garbage, /down; GET /requests tells how many requests came and with which Authorization."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "eval_judge_server.py"), str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
 # ---------------------------------------------------------------- Prefect server
 
 

@@ -41,6 +41,7 @@ def test_token_counts_parse_binary_suffixes():
     ("stage1.keep_optimizer_state=true", "stage1.keep_optimizer_state: needs init_from to name an earlier stage"),
     ("eval.model_from=stage9", "eval.model_from: 'stage9' is not a training stage of this recipe"),
     ("stage1.sequence_parallel=3", "stage1.sequence_parallel: 3 does not divide seq_len 512"),
+    ("jobs.env={OPENAI_API_KEY: sk-1}", "jobs.env.OPENAI_API_KEY: looks like a credential"),
 ])
 def test_bad_fields_fail_with_one_line_naming_the_field(override, message):
     with pytest.raises(ConfigError) as err:

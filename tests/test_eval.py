@@ -22,7 +22,7 @@ from prolong.eval.metrics import (exact_match, ndcg_at_k, normalize_answer, pars
 from prolong.eval.perplexity import long_document_loss
 from prolong.eval.prompts import Prompt, fit, n_tokens, newline_token_ids, truncate_text
 from tests import eval_helmet_data as data
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -4,50 +4,25 @@ completion. The screenshots are kept under test-artifacts/ui/ at the repository 
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import BIN, FAST, ROOT, stop
+from tests.conftest import ROOT
+from tests.prefect_helpers import api, tiny_deployment, wait_for_run, worker  # noqa: F401 (fixtures)
 
 CHROMIUM = os.environ.get("PROLONG_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
-POOL = "prolong-local"
-STAGES = ["data", "stage1"]
 RUN_TIMEOUT = 600  # seconds for the quick run to finish
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def api(url: str, path: str, body: dict | None = None, method: str | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url}{path}", data=data, method=method or ("GET" if body is None else "POST"),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        raw = r.read()
-    return json.loads(raw) if raw else None
-
-
-def run_logs(url: str, flow_run_id: str, limit: int = 200) -> str:
-    logs = api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
-                                     "limit": limit})
-    return "\n".join(f"{x['timestamp']} {x['level']} {x['message']}" for x in logs)
-
-
-def tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
 
 
 def missing_browser() -> str | None:
@@ -71,32 +46,6 @@ def need_browser():
         pytest.fail(msg)
 
 
-def prefect(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise AssertionError(f"prefect {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def stop_tree(proc: subprocess.Popen) -> None:
-    """Stop the worker's process group, then any flow-run process it started outside that group."""
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    stop(proc)
-    for child in children:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(children, timeout=10)
-
-
 # ---------------------------------------------------------------- fixtures
 
 
@@ -118,41 +67,6 @@ def ui(prefect_server) -> dict:
     flow_run_path = "/runs/flow-run/" if version == "v2" else "/flow-runs/flow-run/"
     return {"root": root, "api": api_url, "version": version, "base": f"{root}{base}",
             "flow_run_path": flow_run_path}
-
-
-@pytest.fixture
-def tiny_deployment(prefect_env, tmp_path) -> dict:
-    """The real prefect.yaml's `tiny` deployment with faster parameters, deployed with `prefect deploy`."""
-    prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", env=prefect_env)
-    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    tiny = copy.deepcopy(next(d for d in project["deployments"] if d["name"] == "tiny"))
-    assert tiny["work_pool"]["name"] == POOL and tiny["entrypoint"] == "flows/recipe.py:prolong_recipe"
-    store = tmp_path / "runs"
-    run_name = f"ui-{uuid.uuid4().hex[:8]}"
-    tiny["parameters"] = {**tiny["parameters"], "recipe": "recipes/tiny.yaml", "store": str(store),
-                          "run_name": run_name, "stages": STAGES, "overrides": FAST}
-    project["deployments"] = [tiny]
-    prefect_file = tmp_path / "prefect.yaml"
-    prefect_file.write_text(yaml.safe_dump(project, sort_keys=False))
-    prefect("deploy", "--prefect-file", str(prefect_file), "--name", "tiny", env=prefect_env)
-    dep = api(prefect_env["PREFECT_API_URL"], "/deployments/name/prolong-recipe/tiny")
-    assert dep["parameters"]["run_name"] == run_name and dep["work_pool_name"] == POOL
-    return {"id": dep["id"], "store": store, "run_name": run_name}
-
-
-@pytest.fixture
-def worker(prefect_env, tmp_path):
-    """`prefect worker start --pool prolong-local` from the repository root, as prefect.yaml says."""
-    log_path = tmp_path / "worker.log"
-    log = open(log_path, "w")
-    env = {**os.environ, **prefect_env, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
-    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        yield {"proc": proc, "log": log_path}
-    finally:
-        stop_tree(proc)
-        log.close()
 
 
 @pytest.fixture
@@ -207,32 +121,16 @@ def test_quick_run_of_tiny_from_the_ui_completes(ui, tiny_deployment, worker, pa
         assert len(new) == 1, f"one click, {len(new)} flow runs"
         assert run["parameters"]["run_name"] == tiny_deployment["run_name"]
 
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while True:
-            run = api(api_url, f"/flow_runs/{run['id']}")
-            state = run["state_type"]
-            if state == "COMPLETED":
-                break
-            if state in ("FAILED", "CRASHED", "CANCELLED", "CANCELLING"):
-                raise AssertionError(f"flow run {run['name']} ended {state}: {run['state']['message']}\n"
-                                     f"--- flow run logs\n{run_logs(api_url, run['id'])[-8000:]}\n"
-                                     f"--- worker log\n{tail(worker['log'])}")
-            if worker["proc"].poll() is not None:
-                raise AssertionError(f"the worker exited with {worker['proc'].returncode}:\n{tail(worker['log'])}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"flow run {run['name']} still {state} after {RUN_TIMEOUT}s\n"
-                                     f"--- flow run logs\n{run_logs(api_url, run['id'])[-8000:]}\n"
-                                     f"--- worker log\n{tail(worker['log'])}")
-            time.sleep(2)
+        run = wait_for_run(api_url, run["id"], ("COMPLETED",), worker, timeout=RUN_TIMEOUT)
         elapsed = time.monotonic() - t0
 
         # the run's work is in the store
         run_dir = tiny_deployment["store"] / tiny_deployment["run_name"]
-        for stage in STAGES:
+        for stage in tiny_deployment["stages"]:
             assert (run_dir / stage / "manifest.json").is_file(), sorted(p.name for p in run_dir.glob("*"))
         assert not (run_dir / "stage2").exists()
         tasks = api(api_url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
-        assert sorted(t["name"] for t in tasks) == sorted(STAGES)
+        assert sorted(t["name"] for t in tasks) == sorted(tiny_deployment["stages"])
         assert all(t["state_type"] == "COMPLETED" for t in tasks)
 
         # and the UI shows the completed run

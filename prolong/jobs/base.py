@@ -2,7 +2,7 @@
 
 A job is one stage run as ``python -m prolong.jobs.entry STAGE STORE RUN`` under
 torchrun (one process per device). Backends differ only in where that command runs: ``local``
-starts it here in its own process group; a cluster backend would hand it to the scheduler.
+starts it here in its own process group; ``slurm`` hands it to the scheduler as a batch job.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from prolong.errors import ConfigError
 
@@ -45,6 +45,9 @@ class JobSpec:
     # cancel/limit: SIGTERM first, so ranks can save a checkpoint (prolong.train.preemption), SIGKILL after this
     stop_grace_s: float = 30.0
     module: str = "prolong.jobs.entry"
+    nnodes: int = 1  # cluster backends; local runs on this machine only
+    gpus_per_node: int | None = None  # cluster backends; None: the backend's configured default
+    slurm: Any = None  # a prolong.config.SlurmConfig for the slurm backend (None: its defaults)
 
 
 class JobHandle(ABC):
@@ -110,4 +113,8 @@ def get_backend(name: str) -> JobBackend:
         from prolong.jobs.local import LocalBackend
 
         return LocalBackend()
-    raise ConfigError(f"jobs.backend: unknown backend {name!r} (available: local)")
+    if name == "slurm":
+        from prolong.jobs.slurm import SlurmBackend
+
+        return SlurmBackend()
+    raise ConfigError(f"jobs.backend: unknown backend {name!r} (available: local, slurm)")

@@ -1,4 +1,8 @@
-"""Entry point of every stage job: ``python -m prolong.jobs.entry STAGE STORE_URL RUN_NAME``.
+"""Entry point of every job: ``python -m prolong.jobs.entry STAGE STORE_URL RUN_NAME [EXTRA ...]``.
+
+STAGE is a stage name, or ``export`` (``EXTRA`` = ``STAGE STEP OUT_PREFIX``: a training checkpoint
+to HF weights, prolong.train.export); ``eval`` takes an optional ``SNAPSHOT_PREFIX`` (evaluate the
+model a prolong.snapshots request names, into that folder).
 
 (Positional arguments: torchrun parses the options of the command it launches for abbreviations
 of its own, and ``--run`` would be taken for its ``--run-path``.)
@@ -37,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     from prolong.errors import ProlongError
 
     parser = argparse.ArgumentParser(prog="python -m prolong.jobs.entry")
-    parser.add_argument("stage", choices=["data", "stage1", "stage2", "sft", "eval"])
+    parser.add_argument("stage", choices=["data", "stage1", "stage2", "sft", "eval", "export"])
     parser.add_argument("store")
     parser.add_argument("run")
+    # eval: [SNAPSHOT_PREFIX] evaluates a snapshot (prolong.snapshots); export: STAGE STEP OUT_PREFIX
+    parser.add_argument("extra", nargs="*")
     args = parser.parse_args(argv)
     if "LOCAL_RANK" in os.environ:  # a rank of torchrun: never outlive it
         from prolong.jobs.supervise import die_with_parent
@@ -60,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "eval":
             from prolong.eval.main import run_eval_stage
 
-            run_eval_stage(recipe, store, args.run)
+            run_eval_stage(recipe, store, args.run, snapshot=args.extra[0] if args.extra else None)
+        elif args.stage == "export":
+            from prolong.train.export import export_checkpoint
+
+            stage, step, out = args.extra
+            export_checkpoint(recipe, store, args.run, stage, int(step), out)
         else:
             from prolong.train.main import run_train_stage
 

@@ -34,6 +34,15 @@ def step_dir(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def complete_steps(store: Store, prefix: str) -> list[int]:
+    """Steps of the complete checkpoints under ``prefix`` (``{run}/{stage}/checkpoints``), ascending."""
+    steps = []
+    for name in store.list(prefix):
+        if name.startswith("step_") and store.exists(f"{prefix}/{name}/{COMPLETE}"):
+            steps.append(int(name.removeprefix("step_")))
+    return sorted(steps)
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -63,12 +72,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------ discovery
     def complete_steps(self, prefix: str | None = None) -> list[int]:
-        base = prefix or self.prefix
-        steps = []
-        for name in self.store.list(base):
-            if name.startswith("step_") and self.store.exists(f"{base}/{name}/{COMPLETE}"):
-                steps.append(int(name.removeprefix("step_")))
-        return sorted(steps)
+        return complete_steps(self.store, prefix or self.prefix)
 
     def latest(self) -> int | None:
         steps = self.complete_steps()

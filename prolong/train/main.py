@@ -46,7 +46,7 @@ def accumulation_steps(cfg: TrainStageConfig, stage: str, data_parallel: int) ->
     return cfg.global_batch_size // per_pass
 
 
-def _upstream_model_dir(store: Store, run: str, init: str, world: World, scratch: Path) -> str:
+def upstream_model_dir(store: Store, run: str, init: str, world: World, scratch: Path) -> str:
     rel = f"{stage_prefix(run, init)}/hf"
     if store.is_local:
         return str(store.local_path(rel))
@@ -139,7 +139,7 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     scratch = node_scratch(world, f"{run}-{stage}")  # shared by this node's ranks
     with tempfile.TemporaryDirectory(prefix=f"prolong-{stage}-") as tmp_:
         tmp = Path(tmp_)  # this rank's own
-        model_ref = recipe.model.path if init == "model" else _upstream_model_dir(store, run, init, world, scratch)
+        model_ref = recipe.model.path if init == "model" else upstream_model_dir(store, run, init, world, scratch)
         # fp32 parameters: the master weights AdamW updates; parallelize() sets the bf16 compute
         lm = load_model(model_ref, rope_theta=cfg.rope_theta, seq_len=cfg.seq_len, dtype="float32",
                         revision=recipe.model.revision if init == "model" else None, device=world.device,

@@ -1,0 +1,32 @@
+"""The task of the ``prolong-eval`` flow: evaluate a run's newest snapshot (prolong.snapshots)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from prolong.config import recipe_from_dict
+from prolong.pipeline import RunContext, summarize_metrics
+from prolong.snapshots import evaluate_newest, snapshot_prefix
+from prolong.store import open_store
+from tasks.stages import artifact_key
+
+
+@task(name="evaluate-snapshot", cache_policy=NO_CACHE, log_prints=True)
+def evaluate_snapshot_task(recipe: dict, run: str, store_url: str) -> dict:
+    logger = get_run_logger()
+    ctx = RunContext(recipe=recipe_from_dict(recipe), store=open_store(store_url), run=run)
+    result = evaluate_newest(ctx, on_log=logger.info)
+    snap, m = result.snapshot, result.manifest
+    folder = ctx.store.uri(snapshot_prefix(ctx.run, snap))
+    what = f"the final weights of {snap.stage}" if snap.final else f"the step-{snap.step} checkpoint of {snap.stage}"
+    lines = [f"### {ctx.run}: {snap.tag} — {'already evaluated' if result.skipped else 'evaluated'}", "",
+             f"- model: {what}", f"- results: `{folder}`", f"- {summarize_metrics('eval', m.metrics)}"]
+    report = m.artifacts.get("report")
+    if report and ctx.store.exists(f"{snapshot_prefix(ctx.run, snap)}/{report}"):
+        lines += ["", ctx.store.read_text(f"{snapshot_prefix(ctx.run, snap)}/{report}")]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(ctx.run, "eval", snap.tag),
+                             description=f"{ctx.run}: evaluation of {snap.tag}")
+    return {"snapshot": snap.tag, "final": snap.final, "skipped": result.skipped, "digest": m.digest,
+            "metrics": m.metrics}
