@@ -66,6 +66,7 @@ def _cmd_status(args) -> int:
     from prolong.config import recipe_from_dict
     from prolong.errors import StageError
     from prolong.pipeline import status_table, summarize_metrics
+    from prolong.progress import progress_line
     from prolong.store import open_store
 
     store = open_store(args.store)
@@ -80,8 +81,7 @@ def _cmd_status(args) -> int:
     for r in rows:
         detail = summarize_metrics(r["stage"], r["metrics"]) if r["state"] == "done" else ""
         if r["progress"]:
-            p = r["progress"]
-            detail = f"{p.get('state')} at step {p.get('step')}/{p.get('total_steps')} ({p.get('updated_at')})"
+            detail = f"{progress_line(r['progress'])} ({r['progress'].get('updated_at')})"
         print(f"  {r['stage']:7s} {r['state']:8s} {r['finished_at'] or '':26s} {detail}")
     return 0
 

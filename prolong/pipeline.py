@@ -8,7 +8,10 @@ and artifacts in the UI. The rules live here:
   forced stage (``--from-stage``), have their folder removed first, checkpoints included;
 * otherwise the job runs; a training job resumes from the checkpoints of an unfinished attempt
   when they were made for the same input key, and refuses to touch ones made for other inputs;
-* a stage is finished only when its job succeeded *and* wrote a manifest with the expected key.
+* a stage is finished only when its job succeeded *and* wrote a manifest with the expected key;
+* a job of an earlier attempt that still runs (its submitter was killed; Slurm jobs outlive it) is
+  stopped, gracefully, before anything of its stage is removed or a new job is submitted, so two
+  jobs never write one stage. ``{stage}/job.json`` records which job a stage's last attempt ran.
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ import datetime
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from prolong.config import Recipe, recipe_to_dict
 from prolong.errors import JobError, StageError, StoreError
 from prolong.jobs import JobBackend, JobSpec, JobState, get_backend
-from prolong.manifest import Manifest, expected_key, read_manifest, stage_prefix, stage_state
+from prolong.manifest import Manifest, expected_key, now, read_manifest, stage_prefix, stage_state
+from prolong.progress import PROGRESS
 from prolong.stages import digest
 from prolong.store import Store
 
 log = logging.getLogger(__name__)
+JOB_RECORD = "job.json"
 
 
 @dataclass
@@ -84,10 +89,11 @@ def job_spec(ctx: RunContext, stage: str, attempt: str, args: list[str] | None =
         nnodes=nnodes, gpus_per_node=gpus, slurm=jobs.slurm)
 
 
-def read_progress(ctx: RunContext, stage: str) -> dict | None:
-    rel = f"{stage_prefix(ctx.run, stage)}/progress.json"
+def read_progress(store: Store, prefix: str) -> dict | None:
+    """The ``progress.json`` a job keeps in ``prefix`` (prolong.progress), if any."""
+    rel = f"{prefix}/{PROGRESS}"
     try:
-        return ctx.store.read_json(rel) if ctx.store.exists(rel) else None
+        return store.read_json(rel) if store.exists(rel) else None
     except StoreError:
         return None  # a progress file is advisory; never fail a stage over it
 
@@ -101,27 +107,53 @@ def run_stage(ctx: RunContext, stage: str, *, force: bool = False, on_log: Calla
     key = expected_key(ctx.store, ctx.run, ctx.recipe, stage)  # raises if an upstream stage is not done
     if state == "stale":
         log.info("%s: finished earlier for other inputs (recipe or upstream changed); running it again", stage)
+    attempt = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    spec = job_spec(ctx, stage, attempt)
+    record = f"{stage_prefix(ctx.run, stage)}/{JOB_RECORD}"
+    stop_earlier_job(ctx, record, spec)
     if force or state == "stale":
         ctx.store.delete(stage_prefix(ctx.run, stage))
-    attempt = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
     def tick():
-        if on_progress and (p := read_progress(ctx, stage)):
+        if on_progress and (p := read_progress(ctx.store, stage_prefix(ctx.run, stage))):
             on_progress(p)
 
-    job_id, log_uri = run_job(ctx, job_spec(ctx, stage, attempt), stage,
-                              f"{stage_prefix(ctx.run, stage)}/logs/{attempt}.log", on_log=on_log, on_tick=tick)
+    job_id, log_uri = run_job(ctx, spec, stage, f"{stage_prefix(ctx.run, stage)}/logs/{attempt}.log",
+                              on_log=on_log, on_tick=tick, record=record)
+    tick()  # the final state, which a job quicker than the poll interval would otherwise never show
     manifest = read_manifest(ctx.store, ctx.run, stage)
     if manifest is None or manifest.input_key != key:
         raise StageError(f"{stage}: the job finished but wrote no manifest for these inputs [log: {log_uri}]")
     return StageResult(stage, manifest, skipped=False, job_id=job_id, log_uri=log_uri)
 
 
+def stop_earlier_job(ctx: RunContext, record: str, spec: JobSpec) -> None:
+    """Stop the job ``record`` names if it still runs: SIGTERM first, so a training job checkpoints
+    and the job about to be submitted resumes from there."""
+    try:
+        earlier = ctx.store.read_json(record) if ctx.store.exists(record) else None
+    except StoreError:
+        earlier = None
+    if not earlier or earlier.get("backend") != ctx.backend.name:
+        return
+    handle = ctx.backend.attach(replace(spec, log_path=Path(earlier["log_path"])), earlier["job_id"])
+    if handle is None or handle.poll().finished:
+        return
+    log.warning("job %s of an earlier attempt (submitted %s) is still running: stopping it first",
+                handle.job_id, earlier.get("submitted_at"))
+    handle.cancel()
+
+
 def run_job(ctx: RunContext, spec: JobSpec, what: str, log_rel: str, *, on_log: Callable[[str], None] | None = None,
-            on_tick: Callable[[], None] | None = None) -> tuple[str, str]:
+            on_tick: Callable[[], None] | None = None, record: str | None = None) -> tuple[str, str]:
     """Submit, stream and wait; keep the log in the store; raise JobError with the job's own error line.
-    Returns (job id, log URI)."""
+    ``record``: where to note the job (see :func:`stop_earlier_job`). Returns (job id, log URI)."""
+    if record is not None:
+        stop_earlier_job(ctx, record, spec)
     handle = ctx.backend.submit(spec)
+    if record is not None:
+        ctx.store.write_json_atomic(record, {"backend": ctx.backend.name, "job_id": handle.job_id,
+                                             "log_path": str(spec.log_path), "submitted_at": now()})
     log.info("%s: submitted %s (log %s)", what, handle.job_id, spec.log_path)
     final = handle.wait(on_line=on_log, on_tick=on_tick)
     try:
@@ -143,10 +175,7 @@ def status_table(store: Store, run: str, recipe: Recipe) -> list[dict]:
     rows = []
     for stage in present_stages(recipe):
         state, m = stage_state(store, run, recipe, stage)
-        progress = None
-        if state != "done":
-            rel = f"{stage_prefix(run, stage)}/progress.json"
-            progress = store.read_json(rel) if store.exists(rel) else None
+        progress = read_progress(store, stage_prefix(run, stage)) if state != "done" else None
         rows.append({"stage": stage, "state": state, "finished_at": m.finished_at if m else None,
                      "manifest": m.digest[:12] if m else None, "metrics": m.metrics if m else {},
                      "progress": progress})

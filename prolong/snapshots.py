@@ -19,7 +19,7 @@ from typing import Callable
 from prolong.config import TRAIN_STAGES, recipe_to_dict
 from prolong.errors import StageError
 from prolong.manifest import MANIFEST, Manifest, read_manifest, stage_prefix
-from prolong.pipeline import RunContext, job_spec, run_job
+from prolong.pipeline import JOB_RECORD, RunContext, job_spec, read_progress, run_job
 from prolong.stages import config_digest, digest, input_key
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def snapshot_key(ctx: RunContext, snap: Snapshot) -> str:
     return input_key(config_digest(ctx.recipe, "eval"), snapshot_upstream(ctx, snap))
 
 
-def evaluate_newest(ctx: RunContext, *, on_log: Callable[[str], None] | None = None) -> SnapshotEval:
+def evaluate_newest(ctx: RunContext, *, on_log: Callable[[str], None] | None = None,
+                    on_progress: Callable[[dict], None] | None = None) -> SnapshotEval:
     if ctx.recipe.eval is None:
         raise StageError(f"recipe {ctx.recipe.name!r} has no eval section to evaluate with")
     snap = newest_snapshot(ctx)
@@ -94,15 +95,22 @@ def evaluate_newest(ctx: RunContext, *, on_log: Callable[[str], None] | None = N
         if not ctx.store.exists(f"{model_rel}/config.json"):
             args = ["export", ctx.store.url, ctx.run, snap.stage, str(snap.step), model_rel]
             run_job(ctx, job_spec(ctx, snap.stage, attempt, args=args, label=f"export-{snap.tag}"),
-                    f"export {snap.tag}", f"{out}/logs/export-{attempt}.log", on_log=on_log)
+                    f"export {snap.tag}", f"{out}/logs/export-{attempt}.log", on_log=on_log,
+                    record=f"{out}/export-{JOB_RECORD}")
     # the job reads what to evaluate from here: its arguments stay short and torchrun-safe
     # (the recipe too: evaluation settings may differ from the ones the run was trained with)
     ctx.store.write_json_atomic(f"{out}/{REQUEST}", {"model": model_rel, "model_stage": snap.stage,
                                                       "upstream": snapshot_upstream(ctx, snap),
                                                       "recipe": recipe_to_dict(ctx.recipe)})
     args = ["eval", ctx.store.url, ctx.run, out]
+
+    def tick():
+        if on_progress and (p := read_progress(ctx.store, out)):
+            on_progress(p)
+
     run_job(ctx, job_spec(ctx, "eval", attempt, args=args, label=f"eval-{snap.tag}"), f"eval {snap.tag}",
-            f"{out}/logs/eval-{attempt}.log", on_log=on_log)
+            f"{out}/logs/eval-{attempt}.log", on_log=on_log, on_tick=tick, record=f"{out}/{JOB_RECORD}")
+    tick()
     manifest = read_manifest(ctx.store, ctx.run, f"{EVALS}/{snap.tag}")
     if manifest is None or manifest.input_key != key:
         raise StageError(f"eval {snap.tag}: the job finished but wrote no manifest in {ctx.store.uri(out)}")

@@ -10,14 +10,16 @@ from prolong.config import recipe_from_dict
 from prolong.pipeline import RunContext, summarize_metrics
 from prolong.snapshots import evaluate_newest, snapshot_prefix
 from prolong.store import open_store
-from tasks.stages import artifact_key
+from tasks.stages import ProgressArtifact, artifact_key
 
 
 @task(name="evaluate-snapshot", cache_policy=NO_CACHE, log_prints=True)
 def evaluate_snapshot_task(recipe: dict, run: str, store_url: str) -> dict:
     logger = get_run_logger()
     ctx = RunContext(recipe=recipe_from_dict(recipe), store=open_store(store_url), run=run)
-    result = evaluate_newest(ctx, on_log=logger.info)
+    progress = ProgressArtifact(artifact_key(ctx.run, "eval", "newest", "progress"), logger)
+    result = evaluate_newest(ctx, on_log=logger.info, on_progress=progress)
+    progress.close(f"{ctx.run}: evaluation of {result.snapshot.tag} finished")
     snap, m = result.snapshot, result.manifest
     folder = ctx.store.uri(snapshot_prefix(ctx.run, snap))
     what = f"the final weights of {snap.stage}" if snap.final else f"the step-{snap.step} checkpoint of {snap.stage}"

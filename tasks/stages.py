@@ -12,22 +12,13 @@ from prefect.cache_policies import NO_CACHE
 from prolong.config import recipe_from_dict
 from prolong.manifest import MANIFEST, stage_prefix
 from prolong.pipeline import RunContext, run_stage, summarize_metrics
+from prolong.progress import progress_line
 from prolong.store import open_store
 
 
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
-
-
-def progress_line(stage: str, p: dict) -> str:
-    """``stage1 [██████░░░░]  60% step 24/40 loss 6.214 eta 0:00:17`` for logs and terminals."""
-    percent = float(p.get("percent", 0.0))
-    bar = "█" * int(percent // 10) + "░" * (10 - int(percent // 10))
-    eta = p.get("eta_s")
-    eta_s = f" eta {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}" if eta is not None else ""
-    loss = f" loss {p['loss']:.3f}" if "loss" in p else ""
-    return f"{stage} [{bar}] {percent:5.1f}% step {p.get('step')}/{p.get('total_steps')}{loss}{eta_s}"
 
 
 def _stage_markdown(ctx: RunContext, result) -> str:
@@ -48,31 +39,39 @@ def _stage_markdown(ctx: RunContext, result) -> str:
     return "\n".join(lines)
 
 
+class ProgressArtifact:
+    """A job's progress.json (prolong.progress) as a Prefect progress artifact whose description
+    carries the whole line (phase, ETA), and a log line every 10%."""
+
+    def __init__(self, key: str, logger):
+        self.key, self.logger = key, logger
+        self.artifact_id = None
+        self.logged = -10.0
+
+    def __call__(self, p: dict) -> None:
+        percent, line = float(p.get("percent", 0.0)), progress_line(p)
+        if percent >= self.logged + 10 or (percent == 100.0 and self.logged < 100.0):
+            self.logged = percent
+            self.logger.info("%s", line)
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(percent, key=self.key, description=line)
+        else:
+            update_progress_artifact(self.artifact_id, percent, description=line)
+
+    def close(self, description: str) -> None:
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, 100.0, description=description)
+
+
 @task(name="stage", cache_policy=NO_CACHE, log_prints=True)
 def stage_task(stage: str, recipe: dict, run: str, store_url: str, force: bool = False,
                upstream: dict | None = None) -> dict:
     """`upstream` (the upstream stages' manifest digests) only orders tasks in the UI's graph."""
     logger = get_run_logger()
     ctx = RunContext(recipe=recipe_from_dict(recipe), store=open_store(store_url), run=run)
-    progress_id = None
-
-    last_logged = [-1.0]
-
-    def on_progress(p: dict) -> None:
-        nonlocal progress_id
-        percent = float(p.get("percent", 0.0))
-        if percent >= last_logged[0] + 10 or (percent == 100.0 and last_logged[0] < 100.0):
-            last_logged[0] = percent
-            logger.info("%s", progress_line(stage, p))
-        if progress_id is None:
-            progress_id = create_progress_artifact(percent, key=artifact_key(run, stage, "progress"),
-                                                   description=f"{run}: {stage} training progress")
-        else:
-            update_progress_artifact(progress_id, percent)
-
-    result = run_stage(ctx, stage, force=force, on_log=logger.info, on_progress=on_progress)
-    if progress_id is not None:
-        update_progress_artifact(progress_id, 100.0)
+    progress = ProgressArtifact(artifact_key(run, stage, "progress"), logger)
+    result = run_stage(ctx, stage, force=force, on_log=logger.info, on_progress=progress)
+    progress.close(f"{run}: {stage} finished")
     create_markdown_artifact(_stage_markdown(ctx, result), key=artifact_key(run, stage),
                              description=f"{run}: {stage}")
     if result.skipped:

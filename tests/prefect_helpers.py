@@ -104,6 +104,15 @@ def wait_for_run(api_url: str, run_id: str, states: tuple[str, ...], worker: dic
         time.sleep(1)
 
 
+def wait_for_progress(api_url: str, run_id: str, progress: Path, worker: dict, timeout: float = 300) -> None:
+    """Wait until a flow run's stage has written `progress` (its job is running), the run still live."""
+    deadline = time.monotonic() + timeout
+    while not progress.exists():
+        assert time.monotonic() < deadline, f"{progress} never appeared:\n{tail(worker['log'])}"
+        assert api(api_url, f"/flow_runs/{run_id}")["state_type"] in ("SCHEDULED", "PENDING", "RUNNING")
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def tiny_deployment(prefect_env, tmp_path) -> dict:
     """The real prefect.yaml's `tiny` deployment, made fast: data and stage 1 of the tiny recipe."""

@@ -223,6 +223,9 @@ def test_tiny_data_stage_writes_every_planned_stream_as_mds(tmp_path):
     assert any(o["path"].endswith(".mds.zstd") for o in m.outputs)
     index = json.loads((store.local_path(stream_rel("t", StreamKey(512, "chat"))) / "index.json").read_text())
     assert index["shards"][0]["compression"] == "zstd" and "sha1" in index["shards"][0]["zip_data"]["hashes"]
+    progress = store.read_json("t/data/progress.json")  # what the orchestrator showed while it ran
+    domains = {k.domain for k in plan}
+    assert (progress["state"], progress["unit"], progress["total"]) == ("finished", "domains", len(domains) + 1)
 
 
 def test_a_domain_without_long_enough_documents_is_a_clear_error(tmp_path):

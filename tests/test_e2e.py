@@ -68,7 +68,15 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
                 {"flow_runs": {"id": {"any_": [runs[-1]["id"]]}}})
     assert sorted(t["name"] for t in tasks) == sorted(STAGES)
     keys = {a["key"] for a in api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {})}
-    assert {"e2e-data", "e2e-eval", "e2e-summary", "e2e-stage1-progress"} <= keys
+    assert {"e2e-data", "e2e-eval", "e2e-summary"} | {f"e2e-{s}-progress" for s in STAGES} <= keys
+    progress = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter",
+                   {"artifacts": {"key": {"any_": ["e2e-data-progress", "e2e-eval-progress"]}}})
+    assert [a["data"] for a in progress] == [100.0, 100.0] and all(a["type"] == "progress" for a in progress)
+    # every job, not only training, reports how far it got in units of its own
+    for stage, unit in (("data", "domains"), ("stage1", "steps"), ("eval", "parts")):
+        p = store.read_json(f"e2e/{stage}/progress.json")
+        assert (p["state"], p["unit"], p["percent"], p["done"]) == ("finished", unit, 100.0, p["total"]), p
+    assert "domains" in first.stdout + first.stderr and "parts" in first.stdout + first.stderr
     data_md = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["e2e-data"]}}})
     assert "Table 14" in data_md[0]["data"] and "| code_repos | long |" in data_md[0]["data"]
     table = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["e2e-eval"]}}})

@@ -5,8 +5,6 @@ and key points against a real local HTTP server, synthetic tasks, perplexity and
 import logging
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ from prolong.eval.metrics import (exact_match, ndcg_at_k, normalize_answer, pars
 from prolong.eval.perplexity import long_document_loss
 from prolong.eval.prompts import Prompt, fit, n_tokens, newline_token_ids, truncate_text
 from tests import eval_helmet_data as data
-from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")

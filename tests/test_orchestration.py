@@ -16,7 +16,7 @@ from prolong.config import load_recipe
 from prolong.manifest import read_manifest
 from prolong.store import Store
 from tests.conftest import FAST, ROOT, prolong_cli
-from tests.prefect_helpers import POOL, api, deploy, prefect, tail, wait_for_run, worker  # noqa: F401 (fixture)
+from tests.prefect_helpers import POOL, api, deploy, prefect, tail, wait_for_progress, wait_for_run, worker  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +53,7 @@ def test_cancelling_a_flow_run_in_prefect_stops_its_job_and_leaves_no_process(pr
     url = prefect_env["PREFECT_API_URL"]
     run = api(url, f"/deployments/{dep['id']}/create_flow_run", {})
     progress = store / run_name / "stage1" / "progress.json"
-    deadline = time.monotonic() + 300
-    while not progress.exists():
-        assert time.monotonic() < deadline, f"stage 1 never started:\n{tail(worker['log'])}"
-        assert api(url, f"/flow_runs/{run['id']}")["state_type"] in ("SCHEDULED", "PENDING", "RUNNING")
-        time.sleep(0.5)
+    wait_for_progress(url, run["id"], progress, worker)
     pattern = f"prolong.jobs.* {store}"
     assert job_pids(pattern), "no job process found while stage 1 runs"
 

@@ -82,10 +82,10 @@ def _wait_for_step(ctx: RunContext, job, step: int) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and job.poll() == JobState.RUNNING:
         progress = ctx.store.local_path(f"{ctx.run}/stage1/progress.json")
-        if progress.exists() and '"step": ' in (text := progress.read_text()):
+        if progress.exists() and '"done": ' in (text := progress.read_text()):
             import json
 
-            if json.loads(text).get("step", 0) >= step:
+            if json.loads(text).get("done", 0) >= step:
                 return
         time.sleep(0.05)
     raise AssertionError(f"the job did not reach step {step}: {job.tail()}")

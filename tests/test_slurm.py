@@ -6,10 +6,12 @@ Jobs ask for one CPU each, so the minute-long time-limit job runs beside the oth
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,9 @@ from prolong.manifest import read_manifest
 from prolong.stages import STAGES
 from prolong.store import Store
 from tests.conftest import FAST, ROOT, prolong_cli
+from tests.prefect_helpers import api, deploy, wait_for_progress, wait_for_run, worker  # noqa: F401 (fixture)
 from tests.test_jobs import alive, wait_for_pids
+from tests.test_orchestration import job_pids
 
 CLUSTER = ROOT / "infra" / "slurm" / "cluster.sh"
 SECRET = "s3cr3t-value-that-must-not-leak-1f2e3d"
@@ -268,4 +272,64 @@ def test_the_tiny_recipe_runs_end_to_end_on_slurm(slurm_cluster, prefect_env, tm
     for stage in STAGES:  # each stage's job log, kept in the store, is a Slurm job's output
         logs = store.local_path(f"on-slurm/{stage}/logs")
         assert any("as slurm job" in p.read_text() for p in logs.glob("*.log")), stage
+    assert not squeue_ids()
+
+
+@pytest.mark.slow
+def test_cancelling_a_flow_run_in_prefect_scancels_its_slurm_job(slurm_cluster, prefect_env, tmp_path, worker):
+    """Cancel from the UI on the slurm backend: the flow run's process gets the worker's SIGTERM,
+    the waiting stage scancels its job, and nothing of it is left in the queue or on the node."""
+    store = tmp_path / "runs"
+    run_name = f"cancel-slurm-{uuid.uuid4().hex[:8]}"
+    dep = deploy(prefect_env, tmp_path, "tiny", {"store": str(store), "run_name": run_name,
+                                                 "stages": ["data", "stage1"],
+                                                 "overrides": [*FAST, "stage1.steps=400", "jobs.backend=slurm"]})
+    url = prefect_env["PREFECT_API_URL"]
+    run = api(url, f"/deployments/{dep['id']}/create_flow_run", {})
+    progress = store / run_name / "stage1" / "progress.json"
+    wait_for_progress(url, run["id"], progress, worker)
+    queued = squeue_ids()
+    assert len(queued) == 1, queued
+
+    api(url, f"/flow_runs/{run['id']}/set_state", {"state": {"type": "CANCELLING"}})
+    wait_for_run(url, run["id"], ("CANCELLED",), worker, timeout=120)
+    deadline = time.monotonic() + 60
+    while (squeue_ids() or job_pids(f"prolong.jobs.* {store}")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not squeue_ids(), subprocess.run(["squeue"], capture_output=True, text=True).stdout
+    assert not job_pids(f"prolong.jobs.* {store}")
+    assert read_manifest(Store(str(store)), run_name, "stage1") is None
+    # stopped gracefully: the ranks saved a checkpoint on their way out, and the job did not requeue
+    assert list((store / run_name / "stage1" / "checkpoints").glob("step_*/COMPLETE"))
+
+
+@pytest.mark.slow
+def test_a_slurm_job_whose_submitter_was_killed_is_stopped_and_resumed_by_the_next_run(slurm_cluster, prefect_env,
+                                                                                      tmp_path):
+    """A worker killed outright (SIGKILL, a lost machine) cannot scancel: its Slurm job runs on. The
+    next run of the stage finds it through {stage}/job.json, stops it gracefully (the ranks
+    checkpoint) and resumes from that checkpoint — two jobs never train one stage."""
+    store = Store(str(tmp_path / "runs"))
+    sets = [x for o in [*FAST, "stage1.steps=24", "stage1.checkpoint_every=1000", "jobs.backend=slurm"]
+            for x in ("--set", o)]
+    args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "orphan", "--stages", "data,stage1", *sets]
+    env = {**os.environ, **prefect_env, "SLURM_CONF": os.environ["SLURM_CONF"]}
+    first = subprocess.Popen([str(ROOT / ".venv" / "bin" / "prolong"), *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = store.local_path("orphan/stage1/progress.json")
+    deadline = time.monotonic() + 300
+    while not (progress.exists() and json.loads(progress.read_text())["done"] >= 2):
+        assert time.monotonic() < deadline and first.poll() is None, "stage 1 never got going"
+        time.sleep(0.3)
+    first.kill()
+    first.wait()
+    orphan = store.read_json("orphan/stage1/job.json")["job_id"]
+    time.sleep(2)
+    assert squeue_ids() == [orphan]  # nobody is left to cancel it
+
+    again = prolong_cli(*args, env=env, check=True)
+    assert f"job {orphan} of an earlier attempt" in again.stdout + again.stderr
+    m = read_manifest(store, "orphan", "stage1")
+    assert m is not None and m.metrics["resumed_from_step"] >= 2  # the stopped job's own checkpoint
+    assert store.read_json("orphan/stage1/job.json")["job_id"] != orphan
     assert not squeue_ids()

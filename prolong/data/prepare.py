@@ -17,7 +17,7 @@ import random
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from prolong.data.sources import Document, iter_documents
 from prolong.data.tokenize import DocumentTokenizer
 from prolong.errors import DataError
 from prolong.manifest import StageRecorder
+from prolong.progress import PROGRESS, StageProgress
 from prolong.store import Store
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,16 @@ def _shuffled_documents(name: str, recipe: Recipe) -> list[Document]:
     return docs
 
 
-def _tokenized(docs: list[Document], tok: DocumentTokenizer, sft: bool, workers: int = 0) -> Iterator[TokenizedDoc]:
+def _tokenized(docs: list[Document], tok: DocumentTokenizer, sft: bool, workers: int = 0,
+               on_fraction: Callable[[float], None] | None = None) -> Iterator[TokenizedDoc]:
+    """Documents in order; ``on_fraction`` hears the share of ``docs`` tokenized so far."""
+    for i, doc in enumerate(_encoded(docs, tok, sft, workers), 1):
+        if on_fraction is not None and i % 256 == 0:
+            on_fraction(i / len(docs))
+        yield doc
+
+
+def _encoded(docs: list[Document], tok: DocumentTokenizer, sft: bool, workers: int) -> Iterator[TokenizedDoc]:
     if sft:
         yield from tok.encode_chats(docs, workers)
         return
@@ -76,7 +86,8 @@ def _tokenized(docs: list[Document], tok: DocumentTokenizer, sft: bool, workers:
             yield TokenizedDoc(ids=tok.encode_chat(d).ids) if d.messages is not None else next(texts)
 
 
-def _long_streams(name: str, keys: list[StreamKey], plan, docs, tok, seed: int) -> dict[StreamKey, list]:
+def _long_streams(name: str, keys: list[StreamKey], plan, docs, tok, seed: int,
+                  on_fraction: Callable[[float], None] | None = None) -> dict[StreamKey, list]:
     """Cut long documents into pieces for each stream of this domain.
 
     Within one stage length a document feeds one stream only (distinct 64K/512K documents, §A.2):
@@ -84,7 +95,7 @@ def _long_streams(name: str, keys: list[StreamKey], plan, docs, tok, seed: int) 
     need. Pieces are then drawn round-robin across a stream's documents, so a capped stream still
     samples many documents instead of exhausting the first large one.
     """
-    tokenized = [d for d in _tokenized(docs, tok, sft=False)]
+    tokenized = list(_tokenized(docs, tok, sft=False, on_fraction=on_fraction))
     wanted = {k: plan[k]["samples"] * (k.seq_len // k.doc_len) for k in keys}
     by_seq: dict[int, list[StreamKey]] = defaultdict(list)
     for k in keys:
@@ -112,11 +123,17 @@ def _long_streams(name: str, keys: list[StreamKey], plan, docs, tok, seed: int) 
     return out
 
 
-def _concatenated_streams(name, keys, plan, docs, tok, sft: bool, workers: int) -> dict[StreamKey, list]:
+def _concatenated_streams(name, keys, plan, docs, tok, sft: bool, workers: int,
+                          on_fraction: Callable[[float], None] | None = None) -> dict[StreamKey, list]:
     out = {}
-    for k in keys:
+    for i, k in enumerate(keys):
+        def per_stream(f: float, i: int = i) -> None:
+            if on_fraction is not None:
+                on_fraction((i + f) / len(keys))
+
         samples = []
-        for s in pack_concatenated(_tokenized(docs, tok, sft, workers), k.seq_len, name, carry_over=not sft):
+        for s in pack_concatenated(_tokenized(docs, tok, sft, workers, per_stream), k.seq_len, name,
+                                   carry_over=not sft):
             samples.append(s)
             if len(samples) >= plan[k]["samples"]:
                 break
@@ -135,22 +152,32 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
     for key in sorted(plan):
         by_domain[key.domain].append(key)
     streams, domains, lengths_by_domain = {}, {}, {}
+    # one unit per domain (reading and tokenizing 80% of it, writing its streams the rest) + the upload
+    progress = StageProgress(store, rec.rel(PROGRESS), "data", total=len(by_domain) + 1, unit="domains")
     with tempfile.TemporaryDirectory(prefix="prolong-data-", dir=workdir) as tmp:
         # Every stream is written locally first; nothing reaches the store unless all domains succeed.
-        for name, keys in by_domain.items():
+        for d_i, (name, keys) in enumerate(by_domain.items()):
             kind = recipe.data.domains[name].kind
             log.info("domain %s (%s): reading", name, kind)
+            progress.update(d_i, phase=f"{name}: reading")
             docs = _shuffled_documents(name, recipe)
+            progress.update(phase=f"{name}: tokenizing {len(docs)} documents")
+
+            def tokenized(f: float, d_i: int = d_i) -> None:
+                progress.update(d_i + 0.8 * f)
+
             if kind == "long":
-                samples = _long_streams(name, keys, plan, docs, tok, recipe.data.seed)
+                samples = _long_streams(name, keys, plan, docs, tok, recipe.data.seed, tokenized)
             else:
                 samples = _concatenated_streams(name, keys, plan, docs, tok, sft=kind == "sft",
-                                                workers=recipe.data.num_workers)
+                                                workers=recipe.data.num_workers, on_fraction=tokenized)
+            progress.update(d_i + 0.8, phase=f"{name}: writing {len(samples)} streams")
             domains[name] = {"kind": kind, "source_documents": len(docs)}
             seen = []
-            for key, rows in samples.items():
+            for s_i, (key, rows) in enumerate(samples.items(), 1):
                 counts, doc_lengths = write_stream(rows, Path(tmp) / key.name, sft=kind == "sft",
                                                    compression=recipe.data.compression)
+                progress.update(d_i + 0.8 + 0.2 * s_i / len(samples))
                 seen.append(doc_lengths)
                 if counts["samples"] < plan[key]["samples"]:
                     log.warning("stream %s: %d samples, %d wanted; training will repeat them", key.name,
@@ -160,6 +187,7 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
                 log.info("stream %s: %d samples, %d tokens", key.name, counts["samples"], counts["tokens"])
             lengths_by_domain[name] = np.concatenate(seen)
             domains[name]["lengths"] = length_stats(lengths_by_domain[name], recipe.data.report_thresholds)
+        progress.update(len(by_domain), phase="uploading streams and report")
         for name in streams:
             rec.put_dir(Path(tmp) / name, f"streams/{name}", move=True)
         histogram_png(lengths_by_domain, Path(tmp) / "doc_lengths.png")
@@ -168,6 +196,7 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
         (Path(tmp) / "report.md").write_text(report)
         rec.put_file(Path(tmp) / "report.md", "report/report.md")
     totals = {"samples": sum(s["samples"] for s in streams.values()), "tokens": sum(s["tokens"] for s in streams.values())}
+    progress.finish()
     return rec.finish(metrics={"streams": streams, "domains": domains, **totals},
                       artifacts={"streams": {k: f"streams/{k}" for k in streams}, "report": "report/report.md",
                                  "histogram": "report/doc_lengths.png"})

@@ -12,6 +12,7 @@ failure marks the item failed, never 0.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from prolong.errors import ConfigError
 from prolong.eval import helmet
@@ -74,13 +75,17 @@ def score_item(item: helmet.HelmetItem, output: str, judge: Judge | None, key_po
         return {**auto, "failed": True, "error": str(e)}
 
 
-def run_helmet(cfg, model, tok, instruct: bool, device) -> list[dict]:
-    """Every ``eval.helmet`` item through ``model``; ``instruct``: the model is instruction-tuned."""
+def run_helmet(cfg, model, tok, instruct: bool, device, on_item: Callable[[str, int], None] | None = None
+               ) -> list[dict]:
+    """Every ``eval.helmet`` item through ``model``; ``instruct``: the model is instruction-tuned.
+    ``on_item(dataset, length)`` hears of each item before it runs."""
     hc = cfg.helmet
     judge = Judge.from_config(cfg.judge) if cfg.judge is not None else None
     made_key_points: dict = {}
     rows = []
     for it in helmet.build_items(hc, cfg.lengths_of(hc), truncation_tokenizer(hc, tok)):
+        if on_item is not None:
+            on_item(it.dataset, it.length)
         chat = instruct and helmet.CHAT_FOR_INSTRUCT[it.kind] if hc.use_chat_template is None else hc.use_chat_template
         chat = bool(chat and getattr(tok, "chat_template", None))  # without a template the prompt is plain
         budget = hc.max_new_tokens.get(it.kind, it.max_new_tokens)

@@ -27,6 +27,7 @@ from prolong.eval.prompts import generate
 from prolong.manifest import StageRecorder, read_manifest, stage_prefix
 from prolong.model.load import DTYPES
 from prolong.parallel import init_world
+from prolong.progress import PROGRESS, StageProgress
 from prolong.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,46 @@ def _load_for_generation(path: str, dtype: str, device):
     return model, tok
 
 
-def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device) -> dict:
+class EvalProgress:
+    """Evaluation's ``progress.json`` (prolong.progress) in parts: one per task and length (HELMET:
+    per dataset and length), one for perplexity and one per lm-eval shot count — known up front,
+    unlike the number of items, which HELMET's lazily built datasets only tell as they go."""
+
+    def __init__(self, store, rel: str, cfg):
+        parts = [(name, L) for name in ("json_kv", "passkey", "needle") if getattr(cfg, name) is not None
+                 for L in cfg.lengths_of(getattr(cfg, name))]
+        if cfg.helmet is not None:
+            parts += [(ds, L) for L in cfg.lengths_of(cfg.helmet) for ds in cfg.helmet.datasets]
+        if cfg.perplexity is not None:
+            parts.append(("perplexity", cfg.perplexity.length))
+        if cfg.lm_eval is not None:
+            parts += [("lm-eval", shots) for shots in sorted({cfg.lm_eval.shots(t) for t in cfg.lm_eval.tasks})]
+        self.parts = parts
+        self.started: list[tuple] = []
+        self.items = 0
+        self.progress = StageProgress(store, rel, "eval", total=len(parts), unit="parts")
+        self.progress.update(0, phase="loading the model", force=True)
+
+    def item(self, task: str, length: int) -> None:
+        """Called before each item of ``task`` at ``length`` tokens."""
+        if (task, length) not in self.started:
+            self.started.append((task, length))
+            self.items = 0
+        self.items += 1
+        self.progress.update(len(self.started) - 1, phase=f"{task} at {length} tokens, item {self.items}")
+
+    def part(self, task: str, detail) -> None:
+        """A part run as a whole (perplexity, one lm-eval call)."""
+        self.started.append((task, detail))
+        label = f"{detail}-shot" if task == "lm-eval" else f"{detail} tokens"
+        self.progress.update(len(self.started) - 1, phase=f"{task} ({label})")
+
+    def finish(self) -> None:
+        self.progress.finish()
+
+
+def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device,
+                progress: EvalProgress | None = None) -> dict:
     """One lm-eval call per distinct shot count (the Open LLM Leaderboard v1 convention)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -54,6 +94,8 @@ def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device) -> dic
         by_shots[cfg.shots(task)].append(task)
     results = {}
     for shots, tasks in sorted(by_shots.items()):
+        if progress is not None:
+            progress.part("lm-eval", shots)
         out = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": model_dir, "dtype": dtype, "max_length": max_length},
             tasks=tasks, num_fewshot=shots, limit=cfg.limit, batch_size=cfg.batch_size, device=str(device),
@@ -79,13 +121,18 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def run_recall_and_synthetic(cfg, model, tok, device) -> list[dict]:
+def run_recall_and_synthetic(cfg, model, tok, device, progress: EvalProgress | None = None) -> list[dict]:
+    def starting(task: str, length: int) -> None:
+        if progress is not None:
+            progress.item(task, length)
+
     items = []
     if cfg.json_kv is not None:
         kv = cfg.json_kv
         # HELMET's recall configs prompt every model without the chat template
         for ex in make_examples(tok, cfg.lengths_of(kv), kv.depths, kv.samples_per_depth, kv.max_new_tokens + 1,
                                 kv.seed, use_chat_template=False):
+            starting("json_kv", ex.length)
             (pred, n), secs = _timed(generate, model, tok, ex.prompt, kv.max_new_tokens, device)
             pred = pred.strip()
             items.append({"dataset": "json_kv", "length": ex.length, "depth": ex.depth, "input_tokens": n,
@@ -95,6 +142,7 @@ def run_recall_and_synthetic(cfg, model, tok, device) -> list[dict]:
         pk = cfg.passkey
         for ex in synthetic.passkey_examples(tok, cfg.lengths_of(pk), pk.depths, pk.samples_per_depth,
                                              pk.max_new_tokens + 1, pk.seed):
+            starting("passkey", ex.length)
             (pred, n), secs = _timed(generate, model, tok, ex.prompt, pk.max_new_tokens, device)
             pred = pred.strip()
             items.append({"dataset": "passkey", "length": ex.length, "depth": ex.depth, "input_tokens": n,
@@ -105,6 +153,7 @@ def run_recall_and_synthetic(cfg, model, tok, device) -> list[dict]:
         haystack = "\n\n".join(_source_texts(FileSource(type="files", path=nd.haystack), "eval.needle.haystack", 0))
         for ex in synthetic.needle_examples(tok, haystack, cfg.lengths_of(nd), nd.depths,
                                             nd.max_new_tokens + 1):
+            starting("needle", ex.length)
             (pred, n), secs = _timed(generate, model, tok, ex.prompt, nd.max_new_tokens, device)
             pred = pred.strip()
             items.append({"dataset": "needle", "length": ex.length, "depth": ex.depth, "input_tokens": n,
@@ -142,6 +191,7 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, snapshot: str | None 
     if not any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity, cfg.lm_eval)):
         raise ConfigError("eval: enable at least one of json_kv, helmet, passkey, needle, perplexity, lm_eval")
     rec.invalidate()
+    progress = EvalProgress(store, rec.rel(PROGRESS), cfg)
     with tempfile.TemporaryDirectory(prefix="prolong-eval-") as tmp_:
         tmp = Path(tmp_)
         model_dir = str(store.local_path(rel)) if store.is_local else str(store.get_dir(rel, tmp / "model"))
@@ -149,11 +199,12 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, snapshot: str | None 
         if any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity)):
             model, tok = _load_for_generation(model_dir, recipe.model.dtype, world.device)
             _check_lengths(cfg, model)
-            items += run_recall_and_synthetic(cfg, model, tok, world.device)
+            items += run_recall_and_synthetic(cfg, model, tok, world.device, progress)
             if cfg.helmet is not None:  # the SFT stage is the instruction-tuned model
-                items += run_helmet(cfg, model, tok, model_stage == "sft", world.device)
+                items += run_helmet(cfg, model, tok, model_stage == "sft", world.device, on_item=progress.item)
             if cfg.perplexity is not None:
                 pc = cfg.perplexity
+                progress.part("perplexity", pc.length)
                 docs = _source_texts(pc.source, "eval.perplexity.source", recipe.seed)
                 extra["perplexity"] = long_document_loss(model, tok, docs, length=pc.length, last=pc.last,
                                                          max_docs=pc.max_docs, device=world.device)
@@ -166,7 +217,8 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, snapshot: str | None 
         results.update(extra)
         if cfg.lm_eval is not None:
             max_length = cfg.lm_eval.max_length or seq_len
-            results["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval, max_length, recipe.model.dtype, world.device)
+            results["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval, max_length, recipe.model.dtype, world.device,
+                                             progress)
         (tmp / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
         rec.put_file(tmp / "items.jsonl", "items.jsonl")
         rec.write_json("results.json", results)
@@ -175,6 +227,7 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, snapshot: str | None 
         charts = report.charts(results, tmp)
         for name in charts:
             rec.put_file(tmp / name, f"charts/{name}")
+    progress.finish()
     rec.finish(metrics=_headline(results),
                artifacts={"results": "results.json", "report": "results.md", "items": "items.jsonl",
                           **{f"chart_{Path(c).stem}": f"charts/{c}" for c in charts}})

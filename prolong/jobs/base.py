@@ -107,6 +107,11 @@ class JobBackend(ABC):
     @abstractmethod
     def submit(self, spec: JobSpec) -> JobHandle: ...
 
+    def attach(self, spec: JobSpec, job_id: str) -> JobHandle | None:
+        """A handle on a job submitted earlier, possibly by another process, or None when this
+        backend's jobs cannot outlive their submitter (local: they die with it)."""
+        return None
+
 
 def get_backend(name: str) -> JobBackend:
     if name == "local":

@@ -19,7 +19,9 @@ SIGUSR1 save a checkpoint at the next step boundary and exit with 75.
 * Preemption (``PreemptMode=REQUEUE``): Slurm sends SIGTERM to the steps and requeues the job. Slurm
   signals every process of a step, torchrun included; torchrun's own SIGTERM handling would stop the
   ranks itself and exit 1, losing their 75, so :func:`main` has torchrun leave SIGTERM to the ranks.
-* ``scancel`` / :meth:`SlurmJob.cancel`: SIGTERM reaches the batch shell too, which then never requeues.
+* :meth:`SlurmJob.cancel`: SIGTERM to the batch shell, which then never requeues, and to the steps,
+  whose ranks checkpoint; srun is left out (it kills its step on SIGTERM). Slurm's own ``scancel``
+  follows after ``stop_grace_s``.
 
 The handle follows a job through requeues. Its state comes from ``scontrol show job`` while Slurm
 remembers the job (``MinJobAge``), then from ``sacct`` (clusters with slurmdbd) or the
@@ -332,8 +334,11 @@ class SlurmJob(JobHandle):
             return
         grace = self.spec.stop_grace_s if grace_s is None else grace_s
         if self._refresh() == JobState.RUNNING and grace > 0:
-            # SIGTERM to every process, batch shell included: ranks checkpoint, the script does not requeue
-            _slurm_cmd("scancel", "--full", "--signal=TERM", self.job_id)
+            # SIGTERM to the batch shell alone first (it notes that it must not requeue), then to the
+            # job's steps: the ranks checkpoint and exit. Never to srun itself (``--full``), which
+            # answers SIGTERM by killing its step outright.
+            _slurm_cmd("scancel", "--batch", "--signal=TERM", self.job_id)
+            _slurm_cmd("scancel", "--signal=TERM", self.job_id)
             self._wait_inactive(grace)
         if not self._state.finished:
             # Slurm's own kill: SIGTERM, then SIGKILL after the cluster's KillWait
@@ -405,6 +410,10 @@ class SlurmBackend(JobBackend):
         with open(spec.log_path, "a") as f:
             f.write(f"prolong: submitted {script_path} as slurm job {job_id}\n")
         return SlurmJob(spec, job_id, script_path)
+
+    def attach(self, spec: JobSpec, job_id: str) -> SlurmJob:
+        """A Slurm job outlives its submitter (a worker that was killed, a lost node): follow it by id."""
+        return SlurmJob(spec, job_id, spec.log_path.with_suffix(".sbatch"))
 
 
 def _on_term(_signum, _frame) -> None:

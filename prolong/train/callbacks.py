@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
-from prolong.manifest import now
+from prolong.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -80,36 +79,26 @@ class MetricsFile(Callback):
 
 
 class ProgressFile(Callback):
-    """A small JSON the orchestrator turns into a progress bar; throttled to one write per interval."""
+    """Training's ``progress.json`` (prolong.progress): optimizer steps done of the stage's total."""
 
     def __init__(self, store, rel: str, stage: str, interval_s: float = 2.0):
         self.store, self.rel, self.stage, self.interval_s = store, rel, stage, interval_s
-        self._last = 0.0
-        self._t0 = time.monotonic()
-
-    def _write(self, trainer, metrics: dict | None, state: str):
-        step = trainer.state.step
-        done = step - trainer.start_step
-        elapsed = time.monotonic() - self._t0
-        eta = elapsed / done * (trainer.total_steps - step) if done else None
-        self.store.write_json_atomic(self.rel, {
-            "stage": self.stage, "state": state, "step": step, "total_steps": trainer.total_steps,
-            "percent": round(100.0 * step / trainer.total_steps, 1), "eta_s": eta, "updated_at": now(),
-            **({k: metrics[k] for k in ("loss", "lr", "tokens_per_s") if k in metrics} if metrics else {}),
-        })
+        self.progress: StageProgress | None = None
 
     def on_train_start(self, trainer):
         if trainer.world.is_main:
-            self._write(trainer, None, "running")
+            self.progress = StageProgress(self.store, self.rel, self.stage, total=trainer.total_steps, unit="steps",
+                                          start=trainer.start_step, interval_s=self.interval_s)
+            self.progress.update(trainer.state.step, force=True)
 
     def on_step_end(self, trainer, metrics):
-        if trainer.world.is_main and (time.monotonic() - self._last >= self.interval_s or trainer.state.step == trainer.total_steps):
-            self._last = time.monotonic()
-            self._write(trainer, metrics, "running")
+        if self.progress is not None:
+            self.progress.update(trainer.state.step, **{k: metrics[k] for k in ("loss", "lr", "tokens_per_s")
+                                                         if k in metrics})
 
     def on_train_end(self, trainer):
-        if trainer.world.is_main:
-            self._write(trainer, None, "finished")
+        if self.progress is not None:
+            self.progress.finish()
 
 
 class StageReport(Callback):

@@ -27,6 +27,7 @@ from prolong.model.load import DTYPES, load_model
 from prolong.parallel import World, init_world, node_scratch, remove_scratch
 from prolong.parallel.engine import Engine, build_engine
 from prolong.parallel.ulysses import build_group, check_model_heads
+from prolong.progress import PROGRESS
 from prolong.store import Store
 from prolong.train.batch import collate
 from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile, StageReport
@@ -172,7 +173,7 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                        "rope_theta": cfg.rope_theta, "seq_len": cfg.seq_len})
 
         callbacks = [ConsoleLogger(), MetricsFile(store, rec.rel("metrics.jsonl"), tmp / "metrics.jsonl"),
-                     ProgressFile(store, rec.rel("progress.json"), stage), Checkpointing(cfg.checkpoint_every),
+                     ProgressFile(store, rec.rel(PROGRESS), stage), Checkpointing(cfg.checkpoint_every),
                      StageReport(store, rec.prefix, stage, tmp / "metrics.jsonl", tmp),
                      StopOnSignal(stage)]  # last: it sees this step's metrics and checkpoint already recorded
         trainer = Trainer(engine, iter(loader), cfg, world, accumulation=accumulation,
