@@ -152,8 +152,12 @@ def run_job(ctx: RunContext, spec: JobSpec, what: str, log_rel: str, *, on_log: 
         stop_earlier_job(ctx, record, spec)
     handle = ctx.backend.submit(spec)
     if record is not None:
-        ctx.store.write_json_atomic(record, {"backend": ctx.backend.name, "job_id": handle.job_id,
-                                             "log_path": str(spec.log_path), "submitted_at": now()})
+        try:
+            ctx.store.write_json_atomic(record, {"backend": ctx.backend.name, "job_id": handle.job_id,
+                                                 "log_path": str(spec.log_path), "submitted_at": now()})
+        except BaseException:
+            handle.cancel()  # a job nobody could find again must not run on
+            raise
     log.info("%s: submitted %s (log %s)", what, handle.job_id, spec.log_path)
     final = handle.wait(on_line=on_log, on_tick=on_tick)
     try:
