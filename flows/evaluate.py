@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from prolong.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
-from prolong.errors import StageError
+from prolong.pipeline import read_run_recipe
 from prolong.store import DEFAULT_STORE, open_store
 from flows.secrets import load_secrets
 from tasks.evaluate import evaluate_snapshot_task
@@ -37,10 +37,7 @@ def prolong_eval(run_name: str, store: str = DEFAULT_STORE, recipe: str | None =
     if recipe:
         cfg = load_recipe(recipe, overrides or [])
     else:
-        rel = f"{run_name}/recipe.json"
-        if not st.exists(rel):
-            raise StageError(f"run {run_name!r}: not found in {st.uri()} (no {rel})")
-        cfg = recipe_from_dict(apply_overrides(st.read_json(rel), overrides or []))
+        cfg = recipe_from_dict(apply_overrides(read_run_recipe(st, run_name), overrides or []))
     result = evaluate_snapshot_task(recipe_to_dict(cfg), run_name, st.url)
     logger.info("%s: %s", result["snapshot"], "already evaluated" if result["skipped"] else "evaluated")
     return result

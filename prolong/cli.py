@@ -64,16 +64,12 @@ def _cmd_validate(args) -> int:
 
 def _cmd_status(args) -> int:
     from prolong.config import recipe_from_dict
-    from prolong.errors import StageError
-    from prolong.pipeline import status_table, summarize_metrics
+    from prolong.pipeline import read_run_recipe, status_table, summarize_metrics
     from prolong.progress import progress_line
     from prolong.store import open_store
 
     store = open_store(args.store)
-    rel = f"{args.run}/recipe.json"
-    if not store.exists(rel):
-        raise StageError(f"run {args.run!r}: not found in {store.uri()} (no {rel})")
-    rows = status_table(store, args.run, recipe_from_dict(store.read_json(rel)))
+    rows = status_table(store, args.run, recipe_from_dict(read_run_recipe(store, args.run)))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -34,6 +34,7 @@ from prolong.store import Store
 
 log = logging.getLogger(__name__)
 JOB_RECORD = "job.json"
+RUN_RECIPE = "recipe.json"
 
 
 @dataclass
@@ -61,7 +62,7 @@ class RunContext:
 def publish_recipe(ctx: RunContext) -> str:
     """Write the resolved recipe the jobs read; returns its digest."""
     data = recipe_to_dict(ctx.recipe)
-    rel = f"{ctx.run}/recipe.json"
+    rel = f"{ctx.run}/{RUN_RECIPE}"
     try:
         current = ctx.store.read_json(rel) if ctx.store.exists(rel) else None
     except StoreError:
@@ -69,6 +70,14 @@ def publish_recipe(ctx: RunContext) -> str:
     if current != data:
         ctx.store.write_json_atomic(rel, data)
     return digest(data)
+
+
+def read_run_recipe(store: Store, run: str) -> dict:
+    """The resolved recipe a run was started with (see :func:`publish_recipe`)."""
+    rel = f"{run}/{RUN_RECIPE}"
+    if not store.exists(rel):
+        raise StageError(f"run {run!r}: not found in {store.uri()} (no {rel})")
+    return store.read_json(rel)
 
 
 def job_spec(ctx: RunContext, stage: str, attempt: str, args: list[str] | None = None,
@@ -110,8 +119,8 @@ def run_stage(ctx: RunContext, stage: str, *, force: bool = False, on_log: Calla
     attempt = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     spec = job_spec(ctx, stage, attempt)
     record = f"{stage_prefix(ctx.run, stage)}/{JOB_RECORD}"
-    stop_earlier_job(ctx, record, spec)
     if force or state == "stale":
+        stop_earlier_job(ctx, record, spec)  # before its folder goes; run_job checks otherwise
         ctx.store.delete(stage_prefix(ctx.run, stage))
 
     def tick():

@@ -57,7 +57,6 @@ class EvalProgress:
             parts.append(("perplexity", cfg.perplexity.length))
         if cfg.lm_eval is not None:
             parts += [("lm-eval", shots) for shots in sorted({cfg.lm_eval.shots(t) for t in cfg.lm_eval.tasks})]
-        self.parts = parts
         self.started: list[tuple] = []
         self.items = 0
         self.progress = StageProgress(store, rel, "eval", total=len(parts), unit="parts")

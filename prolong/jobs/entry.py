@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         from prolong.config import recipe_from_dict
+        from prolong.pipeline import read_run_recipe
         from prolong.store import open_store
 
         store = open_store(args.store)
-        recipe = recipe_from_dict(store.read_json(f"{args.run}/recipe.json"))
+        recipe = recipe_from_dict(read_run_recipe(store, args.run))
         if args.stage == "data":
             from prolong.data.prepare import prepare
 
