@@ -47,7 +47,7 @@ def test_normalize_and_substring_exact_match():
     assert normalize_answer("The  North-Pole!") == "northpole"
     assert substring_exact_match("They headed for the North Pole.", ["north pole", "Arctic"]) == 1.0
     assert substring_exact_match("South", ["north pole"]) == 0.0
-    assert substring_exact_match("anything", [""]) == 0.0  # an empty gold answer matches nothing
+    assert substring_exact_match("anything", [""]) == 1.0  # HELMET: "" is in every string
     assert exact_match("the Arctic", "arctic") == 1.0
 
 

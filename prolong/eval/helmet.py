@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from prolong.errors import DataError, StoreError
+from prolong.eval.metrics import rerank_cutoffs
 from prolong.eval.prompts import Prompt
 
 # ---------------------------------------------------------------- HELMET's prompts (data.py), verbatim
@@ -242,6 +243,8 @@ def rerank_items(data: HelmetData, length: int, max_items: int, seed: int = 42, 
     key = "qid" if "qid" in rows[0] else "query"
     keys = sample_keys(rows, key, max_items, seed)  # HELMET seeds random with its seed right here
     rows = [r for r in rows if r[key] in keys]
+    # HELMET's cutoffs come from the first test example's passage count and hold for all of them
+    cutoffs = rerank_cutoffs(len(rows[0].get("ctxs", []))) if rows else []
     demo_rows = data.rows(data.demo_file("msmarco")) if shots else []
     # HELMET drops demos that share a query with the test set: all at once when there are plenty
     shared = len(demo_rows) > 2 * len(rows)
@@ -262,7 +265,7 @@ def rerank_items(data: HelmetData, length: int, max_items: int, seed: int = 42, 
         yield HelmetItem("msmarco", "rerank", length,
                          Prompt(RERANK_TEMPLATE, _passages(template, row["ctxs"]),
                                 {"demos": demos, "question": row["query"]}, "Ranking:"),
-                         meta={"qrels": qrels, "qid": row.get("qid")})
+                         meta={"qrels": qrels, "qid": row.get("qid"), "cutoffs": cutoffs})
 
 
 def icl_max_items(hc) -> int:

@@ -5,8 +5,8 @@ instruction-tuned one (HELMET's configs; ``eval.helmet.use_chat_template`` force
 Greedy decoding within ``length``; RAG, re-rank and ICL stop at a line break. Without a chat
 template the prompt ends in the assistant prefix ("Answer:"), which HELMET puts back in front of
 the output before parsing. Scores (0-100): RAG SubEM (the better of the output and its parsed
-answer), ICL exact match of the parsed label, re-rank nDCG@10, QA and Summ by the judge — a judge
-failure marks the item failed, never 0.
+answer), ICL exact match of the parsed label, re-rank nDCG@10 (none when the passages are fewer than
+10, as in HELMET), QA and Summ by the judge — a judge failure marks the item failed, never 0.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Callable
 from prolong.errors import ConfigError
 from prolong.eval import helmet
 from prolong.eval.judge import Judge, JudgeError, extract_key_points, judge_qa, judge_summary
-from prolong.eval.metrics import (exact_match, ndcg_at_k, parse_output, parse_ranking, substring_exact_match,
-                                  token_f1)
+from prolong.eval.metrics import (exact_match, parse_output, parse_ranking, rerank_cutoffs, rerank_ndcg,
+                                  substring_exact_match, token_f1)
 from prolong.eval.prompts import fit, generate
 
 
@@ -43,21 +43,27 @@ def score_item(item: helmet.HelmetItem, output: str, judge: Judge | None, key_po
     """One item's metrics from its ``output`` (the generation, after the prefix when one was
     prompted). ``key_points`` caches judge-made key points by case across lengths."""
     answers = item.answers
-    if item.kind == "rag":
+    if item.kind == "rag":  # HELMET's default_post_process: the better of the output and its parse
         parsed = parse_output(output)
-        best = max(substring_exact_match(output, answers), substring_exact_match(parsed or "", answers))
+        best = max(substring_exact_match(output, answers),
+                   substring_exact_match(parsed, answers) if parsed is not None else 0.0)
         return {"parsed": parsed, "score": 100 * best}
     if item.kind == "icl":
         parsed = parse_output(output, "label:")
         return {"parsed": parsed, "score": 100 * exact_match(parsed or "", answers)}
     if item.kind == "rerank":
-        ranking = parse_ranking(output)
-        return {"score": 100 * ndcg_at_k(ranking, item.meta["qrels"], k=10), "ranking": ranking[:10]}
+        ranking, qrels = parse_ranking(output), item.meta["qrels"]
+        cutoffs = item.meta["cutoffs"] if "cutoffs" in item.meta else rerank_cutoffs(len(qrels))
+        ndcg = rerank_ndcg(ranking, qrels, cutoffs)
+        # HELMET reports NDCG@10 only when the passages reach 10: otherwise no score, never 0
+        score = 100 * ndcg["NDCG@10"] if "NDCG@10" in ndcg else None
+        return {"score": score, "ndcg": ndcg, "ranking": ranking[:10]}
+    parsed = parse_output(output, "Answer:" if item.kind == "narrativeqa" else "Summary:")
+    f1 = max(token_f1(output, answers), token_f1(parsed, answers) if parsed is not None else 0.0)
+    auto = {"token_f1": 100 * f1}
     if item.kind == "narrativeqa":  # eval_gpt4_longqa.py judges the answer after "Answer:", on one line
         parsed = parse_output(output.replace("\n", " ")) or ""
-        auto = {"parsed": parsed, "token_f1": 100 * max(token_f1(output, answers), token_f1(parsed, answers))}
-    else:
-        auto = {"token_f1": 100 * token_f1(output, answers)}
+        auto["parsed"] = parsed
     if judge is None:
         return {**auto, "unscored": "no judge endpoint (eval.judge)"}
     try:
@@ -89,10 +95,11 @@ def run_helmet(cfg, model, tok, instruct: bool, device, on_item: Callable[[str, 
         chat = instruct and helmet.CHAT_FOR_INSTRUCT[it.kind] if hc.use_chat_template is None else hc.use_chat_template
         chat = bool(chat and getattr(tok, "chat_template", None))  # without a template the prompt is plain
         budget = hc.max_new_tokens.get(it.kind, it.max_new_tokens)
-        text, cut = fit(it.prompt, tok, it.length - budget - (0 if chat else 1), chat)  # plain prompts get a BOS
+        text, cut = fit(it.prompt, tok, it.length - budget, chat)
         t0 = time.perf_counter()
+        # tokenised as fit counted it: a plain prompt with the tokenizer's own special tokens (HELMET)
         pred, n = generate(model, tok, text, budget, device, stop_at_newline=helmet.STOP_AT_NEWLINE[it.kind],
-                           add_bos=not chat)
+                           add_bos=False, special_tokens=not chat)
         secs = time.perf_counter() - t0
         output = pred if chat else it.prompt.assistant_prefix + pred
         rows.append({"dataset": it.dataset, "length": it.length, "input_tokens": n, "context_tokens_cut": cut,

@@ -3,7 +3,7 @@
 Each example is one flat JSON object of uuid4 keys and values. The number of pairs is calibrated
 so that the whole prompt fills ``length − max_new_tokens`` tokens with this tokenizer; the gold key
 sits at a chosen relative depth; two fresh demonstration pairs (absent from the object) precede
-the question. Wording follows HELMET's prompt. Metric: SubEM.
+the question. Wording follows HELMET's prompt. Metric: SubEM, scored as HELMET scores it (:func:`score`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 import uuid
 from dataclasses import dataclass
 
+from prolong.eval.metrics import parse_output, substring_exact_match
 from prolong.eval.prompts import Prompt, n_tokens
 
 USER_TEMPLATE = ("{context}\n\nExtract the value corresponding to the specified key in the JSON object below."
@@ -77,3 +78,12 @@ def make_examples(tokenizer, lengths: list[int], depths: list[float], samples_pe
                 out.append(make_example(tokenizer, length, depth, budget, seed * 1_000_003 + length * 101 + d_i * 7 + s,
                                         use_chat_template))
     return out
+
+
+def score(generated: str, answer: str) -> float:
+    """HELMET's JSON KV metric (data.py, load_json_kv's post_process): SubEM of the raw generation
+    with the prompt's prefix put back in front (eval.py does so for prompts without the chat
+    template, as recall's are), or of its parse after "corresponding value:", whichever is higher."""
+    output = ASSISTANT_PREFIX + generated
+    return max(substring_exact_match(output, answer),
+               substring_exact_match(parse_output(output, "corresponding value:"), answer))

@@ -2,8 +2,8 @@
 
 A task fills a user template around a *context* (documents, demos, a book) and names the
 assistant's first words (``Answer:``). When the prompt is longer than ``length − max_new_tokens``
-the context alone is cut from its end — instruction, demos and question stay whole (HELMET's
-``tokenize`` in model_utils.py). Without the chat template (base models, and HELMET's RAG,
+the context alone is cut from its end — instruction, demos and question stay whole — counted and
+cut as HELMET's ``tokenize`` (model_utils.py) does it. Without the chat template (base models, and HELMET's RAG,
 re-rank, ICL and recall configs) the prompt is the user text, a separator and the prefix; with it
 (HELMET's QA and summary configs for instruction-tuned models) the user turn goes through the
 tokenizer's template with the generation prompt and no prefix, as HELMET does by default.
@@ -37,45 +37,70 @@ def n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _head(tokenizer, text: str, keep: int, at_end: bool = False) -> str:
-    """The first ``keep`` tokens of ``text``, cut at a character offset where the tokenizer gives
-    offsets so the text stays as written (HELMET's way), else decoded. The cut falls where the next
-    token starts, or with ``at_end`` where the last kept one ends (the two places HELMET cuts)."""
+def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
+    """The prompt's tokens as HELMET's ``tokenize`` (model_utils.py) makes them: a chat-templated
+    prompt as the template wrote it, a plain one with the tokenizer's own special tokens."""
+    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+
+def _cut_before(tokenizer, text: str, t: int) -> str:
+    """HELMET's context cut: ``text`` up to the start of its ``t``-th token from the end, counted
+    with the tokenizer's special tokens (a slow tokenizer: those tokens but the last ``t``, decoded
+    with their special tokens, as HELMET decodes them)."""
     if getattr(tokenizer, "is_fast", False):
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        if keep >= len(offsets):
-            return text
-        return (text[:offsets[keep - 1][1]] if keep else "") if at_end else text[:offsets[keep][0]]
-    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:keep])
+        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        if t > len(offsets):
+            raise IndexError(t)
+        return text[:offsets[-t][0]]
+    ids = tokenizer(text)["input_ids"]
+    if t > len(ids):
+        raise IndexError(t)
+    return tokenizer.decode(ids[:-t])
 
 
 def fit(prompt: Prompt, tokenizer, max_tokens: int, chat: bool) -> tuple[str, int]:
-    """The rendered prompt within ``max_tokens`` (leave one for the BOS that :func:`generate` adds),
-    cutting the context from its end. Returns (text, context tokens removed)."""
+    """The rendered prompt cut to ``max_tokens`` (HELMET's ``max_length − generation_max_length``)
+    as HELMET's ``tokenize`` cuts it: counted by :func:`prompt_ids`, a prompt ``t`` tokens over has
+    its context cut once, before the context's ``t``-th token from the end, and is not re-counted
+    (a token may merge across the cut). HELMET's quirk, kept: those context tokens include the
+    tokenizer's special tokens, so with a trailing EOS the cut is one token short (the prompt ends
+    one over), and one token over empties the context (EOS's offset is 0). ``omission`` (ours;
+    HELMET has none) follows a cut context, its tokens cut too. Returns (text, context tokens
+    removed)."""
     text = prompt.render(tokenizer, chat)
-    total = n_tokens(tokenizer, text)
-    if total <= max_tokens:
+    excess = len(prompt_ids(tokenizer, text, chat)) - max_tokens
+    if excess <= 0:
         return text, 0
-    n_ctx = n_tokens(tokenizer, prompt.context)
-    keep = max_tokens - (total - n_ctx + n_tokens(tokenizer, prompt.omission))
-    while keep > 0:
-        text = prompt.render(tokenizer, chat, _head(tokenizer, prompt.context, keep) + prompt.omission)
-        over = n_tokens(tokenizer, text) - max_tokens
-        if over <= 0:  # re-tokenising at the seam can add a token
-            return text, n_ctx - keep
-        keep -= over
-    raise ValueError(f"{max_tokens} tokens cannot hold the instruction, demos and question without any context")
+    try:
+        context = _cut_before(tokenizer, prompt.context, excess + n_tokens(tokenizer, prompt.omission))
+    except IndexError:  # HELMET fails with an IndexError
+        raise ValueError(f"{max_tokens} tokens cannot hold the instruction, demos and question without any context"
+                         ) from None
+    text = prompt.render(tokenizer, chat, context + prompt.omission)
+    return text, n_tokens(tokenizer, prompt.context) - n_tokens(tokenizer, context)
 
 
 def truncate_text(tokenizer, text: str, max_tokens: int, postfix: str) -> str:
-    """HELMET's ``truncate_llama2`` (data.py): a text over ``max_tokens`` tokens (special tokens
-    counted, as HELMET counts them) keeps what fits beside ``postfix`` and ends with it."""
-    ids = tokenizer(text)["input_ids"]
+    """HELMET's ``truncate_llama2`` (data.py): a text over ``max_tokens`` tokens keeps everything up
+    to the end of its token at index ``max_tokens − len(tokens(postfix))`` and ends with
+    ``postfix``. Both counts include the tokenizer's special tokens and the index is into the list
+    that starts with them, so a leading BOS takes one token of the text, an EOS one of the postfix.
+    HELMET's quirks, kept: an index on a special token keeps no text, a negative one counts from
+    the end."""
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(text, return_offsets_mapping=True) if fast else tokenizer(text)
+    ids = enc["input_ids"]
     if len(ids) <= max_tokens:
         return text
-    special = len(ids) - n_tokens(tokenizer, text)  # BOS and the like, counted by HELMET
-    keep = max_tokens - len(tokenizer(postfix)["input_ids"]) + 1 - special
-    return _head(tokenizer, text, max(keep, 0), at_end=True) + postfix
+    i = max_tokens - len(tokenizer(postfix)["input_ids"])
+    if i < -len(ids):  # HELMET fails with an IndexError
+        return postfix
+    if fast:
+        return text[:enc["offset_mapping"][i][1]] + postfix
+    i %= len(ids)
+    if ids[i] in set(tokenizer.all_special_ids):
+        return postfix
+    return tokenizer.decode(ids[:i + 1], skip_special_tokens=True) + postfix
 
 
 def newline_token_ids(tokenizer) -> list[int]:
@@ -86,14 +111,16 @@ def newline_token_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, text: str, max_new_tokens: int, device, stop_at_newline: bool = False,
-             add_bos: bool = True) -> tuple[str, int]:
+             add_bos: bool = True, special_tokens: bool = False) -> tuple[str, int]:
     """Greedy decoding; returns (continuation, prompt tokens). ``stop_at_newline`` ends generation at
     a line-break token, as HELMET does for short answers (a token such as ".\n" does not stop it,
     the answer parsers take the first line). ``add_bos``: prepend BOS unless the text starts with
-    it (plain prompts); chat-templated text is taken as the template wrote it."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    it (plain prompts); chat-templated text is taken as the template wrote it. ``special_tokens``:
+    instead, whichever special tokens the tokenizer adds itself (HELMET's plain prompts,
+    :func:`prompt_ids`)."""
+    ids = tokenizer(text, add_special_tokens=special_tokens, return_tensors="pt")["input_ids"].to(device)
     bos = tokenizer.bos_token_id
-    if add_bos and bos is not None and (ids.shape[1] == 0 or ids[0, 0].item() != bos):
+    if add_bos and not special_tokens and bos is not None and (ids.shape[1] == 0 or ids[0, 0].item() != bos):
         ids = torch.cat([torch.tensor([[bos]], device=device), ids], dim=1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id

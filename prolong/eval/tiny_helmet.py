@@ -11,7 +11,8 @@ import random
 from pathlib import Path
 
 LENGTHS = (512, 1024)
-PASSAGES_PER_LENGTH = {512: 4, 1024: 9}
+# HELMET reports re-rank nDCG@10 only with at least 10 passages: the 1K files have 10
+PASSAGES_PER_LENGTH = {512: 4, 1024: 10}
 ICL_MODULES = ("os", "json", "random", "string", "re")
 
 
