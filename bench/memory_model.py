@@ -45,7 +45,8 @@ def measure(seq_len: int, chunk: int, ac: bool, sp=None, world=None) -> dict:
     from prolong.model import attention
     from prolong.model.lm import TrainingLM
     from prolong.model.load import load_model
-    from prolong.parallel import World, parallelize
+    from prolong.parallel.parallelize import parallelize
+    from prolong.parallel.world import World
     from prolong.parallel.memory import Shape, estimate, measure_step
     from prolong.train.batch import collate
 
@@ -69,7 +70,7 @@ def measure(seq_len: int, chunk: int, ac: bool, sp=None, world=None) -> dict:
 
 def sp_worker(out: str) -> None:
     """Under torchrun: every rank measures its own step at SP = world size."""
-    from prolong.parallel import init_world, shutdown
+    from prolong.parallel.world import init_world, shutdown
     from prolong.parallel.ulysses import build_group
 
     world = init_world()

@@ -48,7 +48,7 @@ def main() -> int:
     from prolong.config import load_recipe
     from prolong.model import attention
     from prolong.model.lm import TrainingLM
-    from prolong.parallel import World
+    from prolong.parallel.world import World
     from prolong.train.batch import collate
     from prolong.parallel.engine import build_engine
     from prolong.train.flops import FlopCounter, peak_flops

@@ -11,8 +11,10 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from prolong.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
-from prolong.pipeline import read_run_recipe
+from prolong.layout import EVALS, check_run_name
+from prolong.pipeline import RunContext, read_run_recipe
 from prolong.store import DEFAULT_STORE, open_store
+from flows.runs import holding
 from flows.secrets import load_secrets
 from tasks.evaluate import evaluate_snapshot_task
 
@@ -33,11 +35,14 @@ def prolong_eval(run_name: str, store: str = DEFAULT_STORE, recipe: str | None =
     logger = get_run_logger()
     if names := load_secrets(secrets):
         logger.info("credentials from Secret blocks: %s", ", ".join(names))
+    run_name = check_run_name(run_name, "run_name")
     st = open_store(store)
     if recipe:
         cfg = load_recipe(recipe, overrides or [])
     else:
         cfg = recipe_from_dict(apply_overrides(read_run_recipe(st, run_name), overrides or []))
-    result = evaluate_snapshot_task(recipe_to_dict(cfg), run_name, st.url)
+    # evaluations have a lease of their own: they run beside the run's training, never beside each other
+    with holding(RunContext(recipe=cfg, store=st, run=run_name), scope=EVALS):
+        result = evaluate_snapshot_task(recipe_to_dict(cfg), run_name, st.url)
     logger.info("%s: %s", result["snapshot"], "already evaluated" if result["skipped"] else "evaluated")
     return result

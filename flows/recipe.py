@@ -2,7 +2,8 @@
 
 Trigger it from the Prefect UI (a deployment in prefect.yaml), the CLI (``prolong run``), or
 Python. Re-running a run name continues where it stopped: finished stages are skipped by their
-manifests, and an interrupted training stage resumes from its newest checkpoint.
+manifests, and an interrupted training stage resumes from its newest checkpoint. The flow run holds
+the run's lease throughout, and checks every stage that will run before the first one starts.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from prolong.config import load_recipe, recipe_to_dict
+from prolong.layout import check_run_name
 from prolong.pipeline import RunContext, publish_recipe, summarize_metrics
+from prolong.preflight import check_run
 from prolong.stages import STAGES, select_stages, upstream
 from prolong.store import DEFAULT_STORE, open_store
+from flows.runs import holding
 from flows.secrets import load_secrets
-from tasks.stages import artifact_key, stage_task
+from tasks.stages import artifact_key, best_effort, stage_task
 
 
 def _flow_run_name() -> str:
@@ -44,22 +48,28 @@ def prolong_recipe(recipe: str = "recipes/tiny.yaml", run_name: str | None = Non
     if names := load_secrets(secrets):
         logger.info("credentials from Secret blocks: %s", ", ".join(names))
     cfg = load_recipe(recipe, overrides or [])
-    run = run_name or cfg.name
+    run = check_run_name(run_name or cfg.name, "run_name")
     chosen = select_stages(cfg, stages, from_stage)
     ctx = RunContext(recipe=cfg, store=open_store(store), run=run)
-    publish_recipe(ctx)
-    logger.info("run %s in %s: stages %s", run, ctx.store.uri(run), ", ".join(chosen))
-    raw = recipe_to_dict(cfg)
-    results: dict[str, dict] = {}
     forced = set(chosen[chosen.index(from_stage):]) if from_stage else set()
-    for stage in chosen:
-        ups = {u: results[u]["digest"] for u in upstream(cfg, stage) if u in results}
-        results[stage] = stage_task.with_options(name=stage, task_run_name=f"{stage}")(
-            stage, raw, run, ctx.store.url, force=stage in forced, upstream=ups)
+    results: dict[str, dict] = {}
+    with holding(ctx) as lease:
+        todo = check_run(ctx, chosen, forced)  # every stage that will run, before the first one does
+        publish_recipe(ctx)
+        logger.info("run %s in %s: stages %s (%s to run)", run, ctx.store.uri(run), ", ".join(chosen),
+                    ", ".join(todo) or "none")
+        raw = recipe_to_dict(cfg)
+        for stage in chosen:
+            lease.check()
+            lease.renew(stage=stage)
+            ups = {u: results[u]["digest"] for u in upstream(cfg, stage) if u in results}
+            results[stage] = stage_task.with_options(name=stage, task_run_name=f"{stage}")(
+                stage, raw, run, ctx.store.url, force=stage in forced, upstream=ups)
     rows = ["| stage | | result |", "|---|---|---|"]
     for stage in [s for s in STAGES if s in results]:
         r = results[stage]
         rows.append(f"| {stage} | {'skipped' if r['skipped'] else 'ran'} | {summarize_metrics(stage, r['metrics'])} |")
-    create_markdown_artifact(f"## ProLong run `{run}`\n\nStore: `{ctx.store.uri(run)}`\n\n" + "\n".join(rows),
-                             key=artifact_key(run, "summary"), description=f"{run}: recipe summary")
+    best_effort(create_markdown_artifact,
+                f"## ProLong run `{run}`\n\nStore: `{ctx.store.uri(run)}`\n\n" + "\n".join(rows),
+                key=artifact_key(run, "summary"), description=f"{run}: recipe summary")
     return {stage: r["digest"] for stage, r in results.items()}

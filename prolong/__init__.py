@@ -4,4 +4,4 @@ This package is the library: it imports no orchestration framework. `flows/` and
 to Prefect; training and evaluation run as separate processes (`python -m prolong.jobs.entry`).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

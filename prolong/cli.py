@@ -1,19 +1,25 @@
-"""``prolong``: run a recipe, show a run's status, validate a recipe.
+"""``prolong``: run a recipe, show a run's status, check a run's files, validate a recipe.
 
     prolong run RECIPE [--store URL] [--run-name NAME] [--stages a,b] [--from-stage NAME] [--set k.path=v ...]
     prolong evaluate RUN [--store URL] [--recipe RECIPE] [--set k.path=v ...]
-    prolong status RUN [--store URL]
+    prolong status RUN [--store URL] [--json]
+    prolong doctor RUN [--store URL] [--json] [--sizes-only]
     prolong validate RECIPE [--set k.path=v ...]
 
-Errors print one line (``error: ...``) and exit non-zero (2 config, 3 store, 4 data, 5 stage/job).
+Errors print one line (``error: ...``) and exit non-zero (2 config, 3 store, 4 data, 5 stage/job,
+6 the run is in use by another run); tracebacks, ours and Prefect's, go to the log file named in
+that line, never to the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from prolong.errors import ProlongError
 
@@ -45,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--store", default=None)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    doctor = sub.add_parser("doctor", help="check every file a run recorded (sizes and sha256) and say what to re-run")
+    doctor.add_argument("run")
+    doctor.add_argument("--store", default=None)
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--sizes-only", action="store_true", help="check sizes, not contents (fast on object stores)")
+
     val = sub.add_parser("validate", help="check a recipe file")
     val.add_argument("recipe")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -62,14 +74,23 @@ def _cmd_validate(args) -> int:
     return 0
 
 
-def _cmd_status(args) -> int:
+def _run_recipe(args):
     from prolong.config import recipe_from_dict
-    from prolong.pipeline import read_run_recipe, status_table, summarize_metrics
-    from prolong.progress import progress_line
+    from prolong.layout import check_run_name
+    from prolong.pipeline import read_run_recipe
     from prolong.store import open_store
 
+    check_run_name(args.run, "RUN")
     store = open_store(args.store)
-    rows = status_table(store, args.run, recipe_from_dict(read_run_recipe(store, args.run)))
+    return store, recipe_from_dict(read_run_recipe(store, args.run))
+
+
+def _cmd_status(args) -> int:
+    from prolong.pipeline import status_table, summarize_metrics
+    from prolong.progress import progress_line
+
+    store, recipe = _run_recipe(args)
+    rows = status_table(store, args.run, recipe)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -78,16 +99,31 @@ def _cmd_status(args) -> int:
         detail = summarize_metrics(r["stage"], r["metrics"]) if r["state"] == "done" else ""
         if r["progress"]:
             detail = f"{progress_line(r['progress'])} ({r['progress'].get('updated_at')})"
-        print(f"  {r['stage']:7s} {r['state']:8s} {r['finished_at'] or '':26s} {detail}")
+            if r["state"] == "interrupted":
+                detail = f"stopped at {detail}; no run holds the run now: `prolong run` resumes it"
+        print(f"  {r['stage']:7s} {r['state']:11s} {r['finished_at'] or '':26s} {detail}")
     return 0
+
+
+def _cmd_doctor(args) -> int:
+    from prolong.doctor import diagnose, report
+    from prolong.errors import StoreError
+
+    store, recipe = _run_recipe(args)
+    health = diagnose(store, args.run, recipe, content=not args.sizes_only)
+    print(json.dumps(health.to_json(), indent=2) if args.json else report(health))
+    return 0 if health.healthy else StoreError.exit_code
 
 
 def _cmd_run(args) -> int:
     from prolong.config import load_recipe
+    from prolong.layout import check_run_name
     from prolong.stages import select_stages
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before starting Prefect
+    if args.run_name is not None:
+        check_run_name(args.run_name, "--run-name")
     select_stages(recipe, stages, args.from_stage)
 
     _check_prefect_api()
@@ -101,6 +137,9 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from prolong.layout import check_run_name
+
+    check_run_name(args.run, "RUN")
     _check_prefect_api()
     from flows.evaluate import prolong_eval
 
@@ -149,12 +188,69 @@ def _default_store() -> str:
     return os.environ.get("PROLONG_STORE") or DEFAULT_STORE
 
 
+def _log_file() -> Path:
+    base = Path(os.environ.get("PROLONG_LOG_DIR", ".cache/prolong/logs"))
+    return base / f"prolong-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+
+
+class _NoTraceback(logging.Formatter):
+    """For the terminal: the message, never the traceback (that goes to the log file and the
+    Prefect UI, whose handlers see the record unchanged)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _quiet_terminal(log_file: Path) -> None:
+    """Every handler that writes to the terminal (ours and Prefect's) drops tracebacks; a file
+    handler keeps everything, tracebacks included."""
+    for name in (None, "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and \
+                    getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+                fmt = handler.formatter
+                handler.setFormatter(_NoTraceback(fmt._fmt if fmt else None, fmt.datefmt if fmt else None))
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+    except OSError:
+        return
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in (None, "prefect"):
+        logging.getLogger(name).addHandler(to_file)
+
+
+def _one_line(e: BaseException) -> str | None:
+    """Failures of the orchestrator's surroundings, said in one line (None: a bug, keep it loud)."""
+    kind = type(e).__module__.split(".")[0]
+    if kind in ("httpx", "httpcore") or type(e).__name__ in ("PrefectHTTPStatusError", "ConnectError"):
+        url = os.environ.get("PREFECT_API_URL", "the Prefect API")
+        return (f"PREFECT_API_URL: lost the Prefect server at {url} ({type(e).__name__}: {e}); the stage's job "
+                "keeps its checkpoints: run the same command again to resume")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # outlast a Prefect server restart (its client's retries back off 2, 4, 8 ... s); users may set their own
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "8")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)  # "still processing items" at exit, after our error
+    log_file = _log_file()
+    if args.command in ("run", "evaluate"):
+        import prefect  # noqa: F401  (sets up Prefect's logging first, so it can be quietened)
+        import prefect.logging.configuration as prefect_logging
+
+        prefect_logging.setup_logging()
+        _quiet_terminal(log_file)
     try:
-        return {"run": _cmd_run, "evaluate": _cmd_evaluate, "status": _cmd_status,
+        return {"run": _cmd_run, "evaluate": _cmd_evaluate, "status": _cmd_status, "doctor": _cmd_doctor,
                 "validate": _cmd_validate}[args.command](args)
     except ProlongError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -162,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        line = _one_line(e)
+        if line is None:
+            raise
+        logging.getLogger("prolong.cli").debug("failure", exc_info=True)
+        print(f"error: {line} [log: {log_file}]", file=sys.stderr)
+        return 5
 
 
 if __name__ == "__main__":

@@ -447,7 +447,7 @@ class JobsConfig(_Config):
 
 
 class Recipe(_Config):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str  # also the default run name: one safe path segment (prolong.layout)
     seed: int = 42
     model: ModelConfig
     data: DataConfig
@@ -478,6 +478,16 @@ class Recipe(_Config):
             return explicit
         earlier = [s for s in self.present_train_stages() if TRAIN_STAGES.index(s) < TRAIN_STAGES.index(stage)]
         return earlier[-1] if earlier else "model"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        from prolong.layout import NAME_RULE, check_name
+
+        try:
+            return check_name(name, "name")
+        except ConfigError:
+            raise ValueError(f"{name!r} is not a valid run name ({NAME_RULE})") from None
 
     @model_validator(mode="after")
     def _cross_fields(self):
@@ -536,7 +546,11 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 if not isinstance(node[part], dict):
                     raise ConfigError(f"--set {key}: {part} is not a section")
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key.strip()}: {value!r} is not a valid YAML value "
+                              f"({getattr(e, 'problem', None) or type(e).__name__})") from None
     return out
 
 

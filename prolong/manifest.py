@@ -2,8 +2,10 @@
 
 ``{store}/{run}/{stage}/manifest.json`` is written last and atomically by the stage's job. It
 records the stage's input key (config digest + upstream manifest digests + code version), the code
-and package versions, every output file with size and sha256, metrics and timings. A stage whose
-manifest holds the input key the current recipe computes is done; anything else is re-run.
+and package versions, every output file with size and sha256, metrics and timings, and a seal (the
+sha256 of its own content: prolong.integrity). A stage whose manifest holds the input key the
+current recipe computes is done; anything else is re-run. A manifest that is not valid JSON or
+does not match its seal is *damaged*: never trusted, and named with the way to rebuild the stage.
 """
 
 from __future__ import annotations
@@ -18,18 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prolong import layout
 from prolong.config import Recipe
 from prolong.errors import StageError, StoreError
+from prolong.integrity import SEAL, seal_of
+from prolong.layout import MANIFEST, stage_prefix
 from prolong.stages import code_version, config_digest, digest, input_key, stage_config, upstream
 from prolong.store import FileEntry, Store
 
-MANIFEST = "manifest.json"
 _PACKAGES = ("torch", "transformers", "tokenizers", "mosaicml-streaming", "numpy", "fsspec", "s3fs",
              "lm_eval", "datasets", "accelerate", "deepspeed", "flash-attn", "prefect")
-
-
-def stage_prefix(run: str, stage: str) -> str:
-    return f"{run}/{stage}"
 
 
 def now() -> str:
@@ -82,35 +82,51 @@ class Manifest:
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("digest")
+        d[SEAL] = seal_of(d, digest)
         return d
 
 
-def read_manifest(store: Store, run: str, stage: str) -> Manifest | None:
-    rel = f"{stage_prefix(run, stage)}/{MANIFEST}"
+class DamagedManifest(StoreError):
+    """A manifest that is not valid JSON, or whose content no longer matches its seal."""
+
+
+def read_manifest_at(store: Store, prefix: str, *, stage: str | None = None) -> Manifest | None:
+    """The manifest in folder ``prefix``; None if there is none, DamagedManifest if it is damaged."""
+    rel = layout.manifest(prefix)
     try:
         raw = store.read_bytes(rel)
     except StoreError:
         if not store.exists(rel):
             return None
         raise
+    fix = f"re-run the stage with --from-stage {stage}" if stage else "run it again"
     try:
         data = json.loads(raw)
         data.pop("digest", None)
+        sealed = data.pop(SEAL, None)
         m = Manifest(**data)
     except (ValueError, TypeError) as e:
-        raise StoreError(f"{store.uri(rel)}: not a valid manifest ({e})") from None
+        raise DamagedManifest(f"{store.uri(rel)}: not a valid manifest ({e}); {fix}") from None
+    if sealed != seal_of(m.to_json(), digest):
+        why = "has no seal" if sealed is None else "does not match its seal (edited by hand, or damaged)"
+        raise DamagedManifest(f"{store.uri(rel)}: the manifest {why}, so it is not trusted; {fix}")
     m.digest = digest(raw)
     return m
 
 
+def read_manifest(store: Store, run: str, stage: str) -> Manifest | None:
+    return read_manifest_at(store, stage_prefix(run, stage), stage=stage)
+
+
 def upstream_digests(store: Store, run: str, recipe: Recipe, stage: str) -> dict[str, str]:
-    """Digests of `stage`'s upstream manifests; a missing upstream is a one-line StageError."""
+    """Digests of `stage`'s upstream manifests; a missing upstream is a one-line StageError, a
+    damaged one a StoreError naming it."""
     out = {}
     for up in upstream(recipe, stage):
         m = read_manifest(store, run, up)
         if m is None:
             raise StageError(f"{stage}: upstream stage {up} of run {run!r} is not done "
-                             f"(no {store.uri(stage_prefix(run, up))}/{MANIFEST})")
+                             f"(no {store.uri(layout.manifest(stage_prefix(run, up)))})")
         out[up] = m.digest
     return out
 
@@ -120,13 +136,17 @@ def expected_key(store: Store, run: str, recipe: Recipe, stage: str) -> str:
 
 
 def stage_state(store: Store, run: str, recipe: Recipe, stage: str) -> tuple[str, Manifest | None]:
-    """("done" | "stale" | "pending", manifest): done means the manifest matches today's inputs."""
-    m = read_manifest(store, run, stage)
+    """("done" | "stale" | "pending" | "damaged", manifest): done means the manifest matches
+    today's inputs; damaged, that the manifest cannot be trusted (see :func:`read_manifest_at`)."""
+    try:
+        m = read_manifest(store, run, stage)
+    except DamagedManifest:
+        return "damaged", None
     if m is None:
         return "pending", None
     try:
         key = expected_key(store, run, recipe, stage)
-    except StageError:
+    except (StageError, DamagedManifest):
         return "stale", m
     return ("done" if m.input_key == key else "stale"), m
 
@@ -151,7 +171,7 @@ class StageRecorder:
 
     def invalidate(self) -> None:
         """Remove a previous manifest before outputs change, so a crash never leaves a stale 'done'."""
-        self.store.delete(self.rel(MANIFEST))
+        self.store.delete(layout.manifest(self.prefix))
 
     def record(self, entries: list[FileEntry], under: str = "") -> None:
         for e in entries:
@@ -197,5 +217,5 @@ class StageRecorder:
             artifacts=artifacts or {}, started_at=self.started_at, finished_at=now(), git=git_state(),
             packages=package_versions(),
         )
-        m.digest = digest(self.store.write_json_atomic(self.rel(MANIFEST), m.to_json()))
+        m.digest = digest(self.store.write_json_atomic(layout.manifest(self.prefix), m.to_json()))
         return m

@@ -18,7 +18,8 @@ from typing import Callable
 
 from prolong.config import TRAIN_STAGES, recipe_to_dict
 from prolong.errors import StageError
-from prolong.manifest import MANIFEST, Manifest, read_manifest, stage_prefix
+from prolong.layout import MANIFEST, complete_steps, stage_prefix
+from prolong.manifest import Manifest, read_manifest
 from prolong.pipeline import JOB_RECORD, RunContext, job_spec, read_progress, run_job
 from prolong.stages import config_digest, digest, input_key
 
@@ -47,13 +48,11 @@ class SnapshotEval:
 
 
 def newest_snapshot(ctx: RunContext) -> Snapshot:
-    from prolong.train.checkpoint import complete_steps
-
     for stage in reversed([s for s in TRAIN_STAGES if s in ctx.recipe.present_train_stages()]):
         m = read_manifest(ctx.store, ctx.run, stage)
         if m is not None:
             return Snapshot(stage, int(m.metrics["steps"]), final=True)
-        steps = complete_steps(ctx.store, f"{stage_prefix(ctx.run, stage)}/checkpoints")
+        steps = complete_steps(ctx.store, stage_prefix(ctx.run, stage))
         if steps:
             return Snapshot(stage, steps[-1], final=False)
     raise StageError(f"run {ctx.run!r} in {ctx.store.uri(ctx.run)} has no finished training stage and no checkpoint "

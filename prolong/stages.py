@@ -15,6 +15,7 @@ from typing import Any
 from prolong import __version__
 from prolong.config import Recipe, TRAIN_STAGES
 from prolong.errors import ConfigError
+from prolong.fingerprint import model_fingerprint, tokenizer_fingerprint
 
 STAGES = ("data", "stage1", "stage2", "sft", "eval")
 
@@ -68,11 +69,14 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
         # The data stage writes every stream the training stages read, sized by their steps.
         needs = {s: {k: r[s][k] for k in ("seq_len", "steps", "batch_tokens", "mixture")}
                  for s in recipe.present_train_stages()}
-        return {"data": r["data"], "tokenizer": recipe.model.tokenizer_path, "needs": needs}
+        tokenizer = {"ref": recipe.model.tokenizer_path,
+                     **tokenizer_fingerprint(recipe.model.tokenizer_path, recipe.model.revision)}
+        return {"data": r["data"], "tokenizer": tokenizer, "needs": needs}
     if stage in TRAIN_STAGES:
         out = {"stage": r[stage], "init_from": recipe.init_source(stage), "seed": recipe.seed, "parallel": r["parallel"]}
         if out["init_from"] == "model":
             out["model"] = r["model"]
+            out["model_fingerprint"] = model_fingerprint(recipe.model.path, recipe.model.revision)
         else:
             out["dtype"] = r["model"]["dtype"]
         return out

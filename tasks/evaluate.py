@@ -10,7 +10,7 @@ from prolong.config import recipe_from_dict
 from prolong.pipeline import RunContext, summarize_metrics
 from prolong.snapshots import evaluate_newest, snapshot_prefix
 from prolong.store import open_store
-from tasks.stages import ProgressArtifact, artifact_key
+from tasks.stages import ProgressArtifact, artifact_key, best_effort
 
 
 @task(name="evaluate-snapshot", cache_policy=NO_CACHE, log_prints=True)
@@ -28,7 +28,7 @@ def evaluate_snapshot_task(recipe: dict, run: str, store_url: str) -> dict:
     report = m.artifacts.get("report")
     if report and ctx.store.exists(f"{snapshot_prefix(ctx.run, snap)}/{report}"):
         lines += ["", ctx.store.read_text(f"{snapshot_prefix(ctx.run, snap)}/{report}")]
-    create_markdown_artifact("\n".join(lines), key=artifact_key(ctx.run, "eval", snap.tag),
-                             description=f"{ctx.run}: evaluation of {snap.tag}")
+    best_effort(create_markdown_artifact, "\n".join(lines), key=artifact_key(ctx.run, "eval", snap.tag),
+                description=f"{ctx.run}: evaluation of {snap.tag}")
     return {"snapshot": snap.tag, "final": snap.final, "skipped": result.skipped, "digest": m.digest,
             "metrics": m.metrics}

@@ -1,19 +1,44 @@
 """One Prefect task per stage: skip if done, else submit the stage's job, stream it, and return
-only its small manifest (the orchestrator never holds tensors or large results)."""
+only its small manifest (the orchestrator never holds tensors or large results).
+
+What a task shows in the UI (progress bars, summaries) is best effort: the job must never depend on
+the Prefect API being up. While the API is unreachable those updates are skipped with a warning and
+the stage's job trains on; Prefect's own client retries its state updates (``PREFECT_CLIENT_MAX_RETRIES``).
+"""
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from prolong.config import recipe_from_dict
-from prolong.manifest import MANIFEST, stage_prefix
+from prolong.layout import MANIFEST, stage_prefix
 from prolong.pipeline import RunContext, run_stage, summarize_metrics
 from prolong.progress import progress_line
 from prolong.store import open_store
+
+
+log = logging.getLogger("prolong.ui")
+_warned_at: dict[str, float] = {}
+
+
+def best_effort(fn, *args, **kwargs):
+    """Call a Prefect UI function (an artifact); if the API cannot be reached, warn (once a minute)
+    and go on."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # httpx errors, Prefect's ObjectNotFound, a server restarting
+        name = getattr(fn, "__name__", str(fn))
+        if time.monotonic() - _warned_at.get(name, float("-inf")) > 60:
+            _warned_at[name] = time.monotonic()
+            log.warning("Prefect UI update %s skipped (%s: %s); the stage goes on", name, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+        return None
 
 
 def artifact_key(*parts: str) -> str:
@@ -54,13 +79,13 @@ class ProgressArtifact:
             self.logged = percent
             self.logger.info("%s", line)
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(percent, key=self.key, description=line)
+            self.artifact_id = best_effort(create_progress_artifact, percent, key=self.key, description=line)
         else:
-            update_progress_artifact(self.artifact_id, percent, description=line)
+            best_effort(update_progress_artifact, self.artifact_id, percent, description=line)
 
     def close(self, description: str) -> None:
         if self.artifact_id is not None:
-            update_progress_artifact(self.artifact_id, 100.0, description=description)
+            best_effort(update_progress_artifact, self.artifact_id, 100.0, description=description)
 
 
 @task(name="stage", cache_policy=NO_CACHE, log_prints=True)
@@ -72,8 +97,8 @@ def stage_task(stage: str, recipe: dict, run: str, store_url: str, force: bool =
     progress = ProgressArtifact(artifact_key(run, stage, "progress"), logger)
     result = run_stage(ctx, stage, force=force, on_log=logger.info, on_progress=progress)
     progress.close(f"{run}: {stage} finished")
-    create_markdown_artifact(_stage_markdown(ctx, result), key=artifact_key(run, stage),
-                             description=f"{run}: {stage}")
+    best_effort(create_markdown_artifact, _stage_markdown(ctx, result), key=artifact_key(run, stage),
+                description=f"{run}: {stage}")
     if result.skipped:
         logger.info("%s is done for these inputs (manifest %s); skipped", stage, result.manifest.digest[:12])
     else:

@@ -9,8 +9,9 @@ import torch
 from prolong.config import load_recipe
 from prolong.model.lm import TrainingLM
 from prolong.model.load import load_model
-from prolong.parallel import init_world, shutdown
+from prolong.parallel.world import init_world, shutdown
 from prolong.parallel.engine import build_engine
+from prolong.parallel.dims import ParallelDims
 from prolong.parallel.ulysses import build_group
 from prolong.train.batch import collate
 from prolong.train.trainer import Trainer
@@ -32,7 +33,7 @@ def main(args) -> None:
                                                f"stage1.sequence_parallel={args.sp}",
                                                f"parallel.engine={args.engine}", "parallel.zero_stage=3"])
     cfg = recipe.stage1
-    sp = build_group(world, args.sp) if args.sp > 1 else None
+    sp = build_group(world, ParallelDims(world.world_size, args.sp)) if args.sp > 1 else None
     samples = [sample(i, lengths, sft=True) for i, lengths in enumerate(LENGTHS)]
     data_parallel = world.world_size // args.sp
     per_rank = len(samples) // data_parallel

@@ -153,8 +153,8 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(prefect_env, tmp_path):
     missing = tmp_path / "nothing.jsonl"
     bad = prolong_cli("run", "recipes/tiny.yaml", "--store", str(store), "--run-name", "bad", "--stages", "data",
                       "--set", f"data.domains.shortmix.source.path={missing}", env=prefect_env)
-    assert bad.returncode == 5
+    assert bad.returncode == 4  # found before the data job starts: the data error's own code
     last = bad.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: data: job local-") and f"{missing} does not exist" in last
+    assert last == f"error: data.domains.shortmix.source.path: {missing} does not exist"
     assert not (store / "bad" / "data" / "manifest.json").exists()
     assert not list((store / "bad" / "data").glob("streams/*"))

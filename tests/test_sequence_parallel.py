@@ -7,6 +7,7 @@ import torch
 from prolong.config import load_recipe
 from prolong.errors import ConfigError
 from prolong.pipeline import RunContext, publish_recipe, run_stage
+from prolong.parallel.dims import ParallelDims
 from prolong.parallel.ulysses import (SequenceParallel, check_model_heads, document_groups, kv_expansion,
                                       needs_sequence_parallel)
 from prolong.store import Store
@@ -72,9 +73,9 @@ def test_model_heads_are_checked_before_training(tiny_model_dir):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_dir)  # 6 heads, 2 KV heads
-    assert check_model_heads(config, 2) == 1
+    assert check_model_heads(config, ParallelDims(4, 2)) == 1
     with pytest.raises(ConfigError, match="attention heads"):
-        check_model_heads(config, 4)
+        check_model_heads(config, ParallelDims(4, 4))
 
 
 def test_sequence_parallel_takes_one_sequence_per_micro_batch():

@@ -9,12 +9,12 @@ from prolong.config import load_recipe
 from prolong.errors import StageError
 from prolong.model.lm import TrainingLM
 from prolong.model.load import load_model
-from prolong.parallel import World
+from prolong.parallel.world import World
 from prolong.store import Store
 from prolong.train.batch import collate
 from prolong.train.checkpoint import Checkpointer
 from prolong.parallel.engine import Engine
-from prolong.train.main import accumulation_steps
+from prolong.parallel.dims import ParallelDims
 from prolong.train.trainer import Trainer
 from tests.conftest import ROOT
 
@@ -71,10 +71,10 @@ def test_minibatch_reordering_leaves_the_update_unchanged(lm):
 
 def test_batch_size_that_does_not_divide_is_a_clear_error():
     cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").stage1  # 8 sequences per step
-    assert accumulation_steps(cfg, "stage1", 2) == 4
+    assert ParallelDims(world=2).accumulation(cfg.global_batch_size, 1, "stage1.batch_tokens") == 4
     with pytest.raises(Exception, match=r"stage1.batch_tokens: 8 sequences per step do not divide into "
                                         r"micro-batches of 1 on 3 data-parallel ranks"):
-        accumulation_steps(cfg, "stage1", 3)
+        ParallelDims(world=3).accumulation(cfg.global_batch_size, 1, "stage1.batch_tokens")
 
 
 def train_a_little(engine, steps=2):

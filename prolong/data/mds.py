@@ -89,21 +89,65 @@ def read_stream(uri: str | Path, cache_dir: str | Path) -> list[dict]:
     return [ds[i] for i in range(ds.num_samples)]
 
 
+# Shards that failed to download, validate or decompress, by streaming's background threads (which
+# only tell the main thread "Background thread failed"): the first is named by `data_errors`.
+_SHARD_FAILURES: list[str] = []
+
+
+def _checked_stream_class():
+    streaming = import_streaming()
+
+    class CheckedStream(streaming.Stream):
+        """A Stream that remembers which shard failed (a checksum, a zstd frame) and how."""
+
+        def prepare_shard(self, shard):
+            try:
+                return super().prepare_shard(shard)
+            except Exception as e:
+                names = ", ".join(zip_info.basename if zip_info else raw.basename for raw, zip_info in shard.file_pairs)
+                why = "its checksum does not match the index" if "Checksum failure" in str(e) else \
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                _SHARD_FAILURES.append(f"{self.remote}/{names}: the shard is damaged ({why})")
+                raise
+
+    return CheckedStream
+
+
 def mixture_dataset(store, run: str, keys_and_proportions: list[tuple[StreamKey, float]], *, cache_dir: Path,
                     seed: int, batch_size: int, epoch_size: int, replication: int | None = None):
     """A StreamingDataset over a stage's streams in the given proportions.
 
     ``epoch_size`` is the stage's total number of sequences, so one epoch is the whole stage and the
     per-stream counts follow the proportions exactly; ``replication`` makes groups of ranks (a
-    sequence-parallel group) read the same samples.
+    sequence-parallel group) read the same samples. Every shard is checked against the xxh64 its
+    index records (the index itself was checked against the data manifest) as it is fetched, so a
+    shard damaged after the check before training is never trained on either.
     """
     streaming = import_streaming()
+    stream = _checked_stream_class()
     # The store is always the `remote` (a local store too): streaming decompresses shards into its
     # `local` cache, and the store's files must stay exactly as the data manifest hashed them.
-    streams = [streaming.Stream(remote=store.uri(stream_rel(run, key)), local=str(cache_dir / key.name),
-                                proportion=proportion) for key, proportion in keys_and_proportions]
+    streams = [stream(remote=store.uri(stream_rel(run, key)), local=str(cache_dir / key.name), proportion=proportion,
+                      validate_hash="xxh64") for key, proportion in keys_and_proportions]
     return streaming.StreamingDataset(streams=streams, epoch_size=epoch_size, batch_size=batch_size, shuffle=True,
                                       shuffle_seed=seed, replication=replication, allow_unsafe_types=False)
+
+
+def data_errors(batches, fix: str):
+    """Iterate ``batches``; a failure inside streaming becomes one DataError naming the shard."""
+    from prolong.errors import DataError
+
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except Exception as e:  # streaming ends the iteration (StopIteration) or fails vaguely after one
+            if _SHARD_FAILURES:
+                raise DataError(f"{_SHARD_FAILURES[0]}; {fix}") from None
+            if isinstance(e, StopIteration):
+                return
+            raise
+        yield batch
 
 
 def as_int64(sample: dict) -> dict:

@@ -21,12 +21,14 @@ from prolong.errors import ConfigError
 from prolong.eval import report, synthetic
 from prolong.eval.helmet_run import run_helmet
 from prolong.eval.json_kv import make_examples
+from prolong.eval.json_kv import score as json_kv_score
 from prolong.eval.metrics import substring_exact_match
 from prolong.eval.perplexity import long_document_loss
 from prolong.eval.prompts import generate
-from prolong.manifest import StageRecorder, read_manifest, stage_prefix
+from prolong.layout import stage_prefix
+from prolong.manifest import StageRecorder, read_manifest
 from prolong.model.load import DTYPES
-from prolong.parallel import init_world
+from prolong.parallel.world import init_world
 from prolong.progress import PROGRESS, StageProgress
 from prolong.store import Store
 
@@ -133,10 +135,11 @@ def run_recall_and_synthetic(cfg, model, tok, device, progress: EvalProgress | N
                                 kv.seed, use_chat_template=False):
             starting("json_kv", ex.length)
             (pred, n), secs = _timed(generate, model, tok, ex.prompt, kv.max_new_tokens, device)
+            score = 100 * json_kv_score(pred, ex.answer)  # HELMET scores the raw output, prefix in front
             pred = pred.strip()
             items.append({"dataset": "json_kv", "length": ex.length, "depth": ex.depth, "input_tokens": n,
                           "num_pairs": ex.num_pairs, "answer": ex.answer, "prediction": pred,
-                          "score": 100 * substring_exact_match(pred, ex.answer), "seconds": secs})
+                          "score": score, "seconds": secs})
     if cfg.passkey is not None:
         pk = cfg.passkey
         for ex in synthetic.passkey_examples(tok, cfg.lengths_of(pk), pk.depths, pk.samples_per_depth,

@@ -8,7 +8,9 @@ model a prolong.snapshots request names, into that folder).
 of its own, and ``--run`` would be taken for its ``--run-path``.)
 
 Reads the run's resolved recipe from ``{store}/{run}/recipe.json`` (written by the orchestrator),
-runs the stage, and turns a ProlongError into one ``error: ...`` line and its exit code.
+runs the stage, and ends every failure with one ``error: ...`` line, the last the orchestrator
+reports: a ProlongError with its exit code; a machine error (a full disk, a lost mount) naming the
+file, exit 3; anything else, a bug, after its traceback, exit 1.
 """
 
 from __future__ import annotations
@@ -80,8 +82,26 @@ def main(argv: list[str] | None = None) -> int:
     except ProlongError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except OSError as e:  # the machine, not the recipe
+        import traceback
+
+        from prolong.errors import StoreError
+        from prolong.store import describe_os_error
+
+        traceback.print_exc()
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{describe_os_error(e)} (in the {args.stage} job)", file=sys.stderr, flush=True)
+        return StoreError.exit_code
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        text = str(e).strip().splitlines()
+        print(f"error: {type(e).__name__}: {text[-1] if text else ''} (an internal error of the {args.stage} job; "
+              "the traceback is above in this log)", file=sys.stderr, flush=True)
+        return 1
     finally:
-        from prolong.parallel import shutdown
+        from prolong.parallel.world import shutdown
 
         shutdown()
     return 0

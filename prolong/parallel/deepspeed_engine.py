@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from prolong.config import ParallelConfig, TrainStageConfig
-from prolong.parallel import World
+from prolong.parallel.world import World
 from prolong.parallel.engine import Engine, build_optimizer
 from prolong.train.schedule import build_scheduler
 

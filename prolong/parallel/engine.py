@@ -17,7 +17,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
 from prolong.config import ParallelConfig, TrainStageConfig
-from prolong.parallel import World, parallelize
+from prolong.parallel.parallelize import parallelize
+from prolong.parallel.world import World
 from prolong.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)

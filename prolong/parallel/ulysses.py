@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from prolong.errors import ConfigError
+from prolong.parallel.dims import ParallelDims, kv_expansion
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,33 +36,20 @@ class SequenceParallel:
     rank: int  # within the group
 
 
-def build_group(world, sp: int, field: str = "sequence_parallel") -> SequenceParallel:
+def build_group(world, dims: ParallelDims) -> SequenceParallel:
     """The ("dp", "sp") device mesh: SP groups are ``sp`` consecutive ranks (one node's GPUs, so the
     all-to-alls stay on NVLink). FSDP shards over all ranks — the flattened dp × sp mesh, as
     torchtitan does for context parallelism — so SP costs no extra parameter memory."""
-    if world.world_size % sp:
-        raise ConfigError(f"{field}: {sp} does not divide the {world.world_size} ranks of the job")
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(world.device.type, (world.world_size // sp, sp), mesh_dim_names=("dp", "sp"))
-    return SequenceParallel(group=mesh["sp"].get_group(), size=sp, rank=mesh["sp"].get_local_rank())
+    mesh = init_device_mesh(world.device.type, (dims.dp, dims.sp), mesh_dim_names=("dp", "sp"))
+    return SequenceParallel(group=mesh["sp"].get_group(), size=dims.sp, rank=mesh["sp"].get_local_rank())
 
 
-def kv_expansion(num_heads: int, num_kv_heads: int, sp: int, field: str = "sequence_parallel") -> int:
-    """How many times each KV head is repeated before the all-to-all (1: sent unexpanded)."""
-    if num_heads % sp:
-        raise ConfigError(f"{field}: {sp} does not divide the model's {num_heads} attention heads")
-    if num_kv_heads % sp == 0:
-        return 1
-    if sp % num_kv_heads == 0:
-        return sp // num_kv_heads
-    raise ConfigError(f"{field}: {sp} and the model's {num_kv_heads} key/value heads do not divide one another")
-
-
-def check_model_heads(config, sp: int, field: str = "sequence_parallel") -> int:
+def check_model_heads(config, dims: ParallelDims) -> int:
     """Fail before training starts (not inside the first forward) when the heads cannot be split."""
     heads = config.num_attention_heads
-    return kv_expansion(heads, getattr(config, "num_key_value_heads", None) or heads, sp, field)
+    return dims.kv_expansion(heads, getattr(config, "num_key_value_heads", None) or heads)
 
 
 def seq_to_heads(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:

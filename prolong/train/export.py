@@ -19,12 +19,13 @@ from prolong.errors import StageError
 from prolong.model import attention
 from prolong.model.lm import TrainingLM
 from prolong.model.load import DTYPES, load_model
-from prolong.parallel import init_world, node_scratch, remove_scratch
+from prolong.parallel.world import init_world, node_scratch, remove_scratch
 from prolong.parallel.engine import build_engine
 from prolong.store import Store
 from prolong.train.checkpoint import Checkpointer
-from prolong.train.main import upstream_model_dir, accumulation_steps, export_hf
-from prolong.manifest import stage_prefix
+from prolong.parallel.dims import ParallelDims
+from prolong.train.main import export_hf, upstream_model_dir
+from prolong.layout import stage_prefix
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def export_checkpoint(recipe: Recipe, store: Store, run: str, stage: str, step: 
         # the optimizer is built (engines expect one) but never loaded: only weights are exported
         engine = build_engine(TrainingLM(lm, cfg.loss_chunk_size), cfg, recipe.parallel, world,
                               DTYPES[recipe.model.dtype],
-                              accumulation=accumulation_steps(cfg, stage, world.world_size // cfg.sequence_parallel))
+                              accumulation=ParallelDims.for_stage(recipe, stage, world.world_size).accumulation(
+                                  cfg.global_batch_size, cfg.micro_batch_size, f"{stage}.batch_tokens"))
         ckpt.load(step, engine, optimizer_too=False, restore_rng=False)
         export_hf(engine, lm, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world,
                   DTYPES[recipe.model.dtype])

@@ -16,15 +16,19 @@ from pathlib import Path
 
 import torch
 
+from prolong import layout
 from prolong.config import Recipe, TrainStageConfig
-from prolong.data.mds import mixture_dataset, stage_streams
+from prolong.data.mds import data_errors, mixture_dataset, stage_streams, stream_rel
 from prolong.data.tokenize import load_tokenizer
-from prolong.errors import ConfigError, StageError
-from prolong.manifest import StageRecorder, stage_prefix
+from prolong.errors import DataError, ProlongError, StageError
+from prolong.integrity import outputs_under, verify_outputs
+from prolong.layout import stage_prefix
+from prolong.manifest import StageRecorder, read_manifest
 from prolong.model import attention
 from prolong.model.lm import TrainingLM
 from prolong.model.load import DTYPES, load_model
-from prolong.parallel import World, init_world, node_scratch, remove_scratch
+from prolong.parallel.world import World, init_world, node_scratch, on_main, raise_together, remove_scratch
+from prolong.parallel.dims import ParallelDims
 from prolong.parallel.engine import Engine, build_engine
 from prolong.parallel.ulysses import build_group, check_model_heads
 from prolong.progress import PROGRESS
@@ -39,24 +43,48 @@ from prolong.train.trainer import Trainer, TrainerState
 log = logging.getLogger(__name__)
 
 
-def accumulation_steps(cfg: TrainStageConfig, stage: str, data_parallel: int) -> int:
-    per_pass = cfg.micro_batch_size * data_parallel
-    if cfg.global_batch_size % per_pass:
-        raise ConfigError(f"{stage}.batch_tokens: {cfg.global_batch_size} sequences per step do not divide into "
-                          f"micro-batches of {cfg.micro_batch_size} on {data_parallel} data-parallel ranks")
-    return cfg.global_batch_size // per_pass
+def verify_upstream(store: Store, run: str, stage: str, upstream: str, sub: str, local_dir: Path | None = None) -> None:
+    """Check the files of ``upstream``'s output folder ``sub`` against its manifest before using them:
+    sizes and contents (of the store's files locally, of the downloaded copy ``local_dir`` for remote
+    stores). A damaged file is one line naming it and the stage to re-run."""
+    m = read_manifest(store, run, upstream)
+    entries = outputs_under(m.outputs, sub)
+    if not entries:
+        raise StageError(f"{stage}: {upstream}'s manifest lists no {sub}/ to start from")
+    verify_outputs(store, stage_prefix(run, upstream), entries, content=store.is_local or local_dir is not None,
+                   local_dir=local_dir, fix=f"re-run it with --from-stage {upstream}")
 
 
 def upstream_model_dir(store: Store, run: str, init: str, world: World, scratch: Path) -> str:
     rel = f"{stage_prefix(run, init)}/hf"
-    if store.is_local:
-        return str(store.local_path(rel))
-    local = scratch / "init"
-    if world.local_rank == 0:
-        store.get_dir(rel, local)
-    if world.distributed:
-        torch.distributed.barrier()
+    local = store.local_path(rel) if store.is_local else scratch / "init"
+    failure = None
+    if world.local_rank == 0:  # one check per node, of the copy that node reads
+        try:
+            if not store.is_local:
+                store.get_dir(rel, local)
+            verify_upstream(store, run, "hand-off", init, "hf", local_dir=None if store.is_local else local)
+        except ProlongError as e:
+            failure = e
+    raise_together(world, failure)
     return str(local)
+
+
+def verify_streams(store: Store, run: str, recipe: Recipe, stage: str, world: World) -> None:
+    """Every shard this stage reads, against the data manifest, before the first step: sizes always,
+    contents where the store is local (a remote store's shards are checked as they are fetched)."""
+    def check():
+        m = read_manifest(store, run, "data")
+        for key, _ in stage_streams(recipe, stage):
+            sub = stream_rel(run, key).removeprefix(f"{stage_prefix(run, 'data')}/")
+            entries = outputs_under(m.outputs, sub)
+            if not entries:
+                raise DataError(f"{stage}: the data manifest lists no stream {key.name}; re-run the data stage "
+                                "with --from-stage data")
+            verify_outputs(store, stage_prefix(run, "data"), entries, content=store.is_local, error=DataError,
+                           fix="re-run the data stage with --from-stage data")
+
+    on_main(world, check)
 
 
 def export_hf(engine: Engine, lm, tokenizer, out: Path, world: World, dtype: torch.dtype) -> None:
@@ -74,25 +102,37 @@ def _restore(ckpt: Checkpointer, rec: StageRecorder, engine: Engine, recipe: Rec
     """Resume this stage from its newest checkpoint made for the same inputs, or — on a fresh
     start with ``keep_optimizer_state`` — take Adam's moments from the upstream stage."""
     cfg = recipe.train_stage(stage)
-    latest = ckpt.latest()
-    if latest is not None and ckpt.trainer_state(latest).get("input_key") != rec.input_key:
+    usable = ckpt.usable_steps()
+    if usable and ckpt.trainer_state(usable[-1]).get("input_key") != rec.input_key:
         # An unfinished attempt of another recipe or upstream: never overwrite it silently.
         raise StageError(f"{stage}: checkpoints in {ckpt.store.uri(ckpt.prefix)} were made for other inputs "
                          f"(a different recipe or upstream stage); re-run with --from-stage {stage} to discard them")
-    if latest is not None:
-        saved = ckpt.load(latest, engine)
+    failed = None
+    for step in reversed(usable):  # the newest that loads; a damaged one falls back to the one before
+        try:
+            saved = ckpt.load(step, engine)
+        except StageError as e:
+            log.warning("%s: cannot resume from step %d (%s); trying the checkpoint before it", stage, step, e)
+            failed = e
+            continue
         log.info("resuming %s at step %d", stage, saved["step"])
         state = TrainerState(step=saved["step"], samples_seen=saved["samples_seen"], tokens_seen=saved["tokens_seen"])
-        return latest, state, saved.get("loader"), saved.get("scheduler")
+        return step, state, saved.get("loader"), saved.get("scheduler")
+    if failed is not None:
+        raise StageError(f"{stage}: no checkpoint of this attempt loads (newest: {failed}); re-run with "
+                         f"--from-stage {stage} to start it afresh")
     init = recipe.init_source(stage)
     if init != "model":
         # Hand-off: the upstream stage's final checkpoint holds its fp32 master weights (the HF export
         # is in the model's dtype) and, with keep_optimizer_state, the Adam moments to carry over.
-        upstream_ckpt = f"{stage_prefix(run, init)}/checkpoints"
-        steps = ckpt.complete_steps(upstream_ckpt)
-        if not steps:
-            raise StageError(f"{stage}: {init} left no complete checkpoint to start from")
-        ckpt.load(steps[-1], engine, prefix=upstream_ckpt, optimizer_too=cfg.keep_optimizer_state, restore_rng=False)
+        m = read_manifest(ckpt.store, run, init)
+        final = m.artifacts.get("checkpoint") if m else None
+        if not final:
+            raise StageError(f"{stage}: {init} left no final checkpoint to start from")
+        on_main(ckpt.world, lambda: verify_upstream(ckpt.store, run, stage, init, final))
+        step = layout.step_of(final.rsplit("/", 1)[-1])
+        ckpt.load(step, engine, prefix=stage_prefix(run, init), optimizer_too=cfg.keep_optimizer_state,
+                  restore_rng=False)
         if cfg.keep_optimizer_state:
             engine.restart_schedule()
     return None, TrainerState(), None, None
@@ -130,12 +170,12 @@ def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageC
 def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     world = init_world()
     cfg = recipe.train_stage(stage)
-    sp = build_group(world, cfg.sequence_parallel, field=f"{stage}.sequence_parallel") \
-        if cfg.sequence_parallel > 1 else None
+    dims = ParallelDims.for_stage(recipe, stage, world.world_size)
+    sp = build_group(world, dims) if dims.sp > 1 else None
     seed = recipe.stage_seed(stage)
     torch.manual_seed(seed)
     rec = StageRecorder(store, run, recipe, stage)
-    accumulation = accumulation_steps(cfg, stage, world.world_size // cfg.sequence_parallel)
+    accumulation = dims.accumulation(cfg.global_batch_size, cfg.micro_batch_size, f"{stage}.batch_tokens")
     init = recipe.init_source(stage)
     scratch = node_scratch(world, f"{run}-{stage}")  # shared by this node's ranks
     with tempfile.TemporaryDirectory(prefix=f"prolong-{stage}-") as tmp_:
@@ -147,13 +187,14 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                         field=stage)
         attention.select_backend(recipe.model.attention, world.device)
         if sp is not None:
-            check_model_heads(lm.config, sp.size, field=f"{stage}.sequence_parallel")
+            check_model_heads(lm.config, dims)
         engine = build_engine(TrainingLM(lm, cfg.loss_chunk_size), cfg, recipe.parallel, world,
                               DTYPES[recipe.model.dtype], accumulation=accumulation)
         ckpt = Checkpointer(store, rec.prefix, world, staging=scratch / "checkpoints")
         resumed_from, state, loader_state, scheduler_state = _restore(ckpt, rec, engine, recipe, run, stage)
         if scheduler_state:
             engine.scheduler.load_state_dict(scheduler_state)
+        verify_streams(store, run, recipe, stage, world)
         if world.is_main:
             rec.invalidate()  # only now, with every input checked: a failed start changes nothing
 
@@ -176,7 +217,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                      ProgressFile(store, rec.rel(PROGRESS), stage), Checkpointing(cfg.checkpoint_every),
                      StageReport(store, rec.prefix, stage, tmp / "metrics.jsonl", tmp),
                      StopOnSignal(stage)]  # last: it sees this step's metrics and checkpoint already recorded
-        trainer = Trainer(engine, iter(loader), cfg, world, accumulation=accumulation,
+        batches = data_errors(loader, fix="re-run the data stage with --from-stage data")
+        trainer = Trainer(engine, batches, cfg, world, accumulation=accumulation,
                           callbacks=callbacks, state=state, save_checkpoint=save, flops=FlopCounter.for_model(lm),
                           peak_flops=peak_flops(world.device, recipe.jobs.peak_tflops), sequence_parallel=sp)
         trainer.fit()

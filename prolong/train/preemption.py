@@ -17,7 +17,7 @@ import signal
 
 from prolong.errors import ProlongError
 from prolong.jobs.base import REQUEUE_EXIT_CODE
-from prolong.parallel import all_reduce_sum
+from prolong.parallel.world import all_reduce_sum
 from prolong.train.callbacks import Callback
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import torch
 
 from prolong.config import TrainStageConfig
 from prolong.errors import StageError
-from prolong.parallel import World, all_reduce_sum
+from prolong.parallel.world import World, all_reduce_sum
 from prolong.parallel.engine import Engine
 from prolong.train.batch import MicroBatch
 from prolong.train.callbacks import Callback

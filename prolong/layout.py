@@ -1,0 +1,123 @@
+"""Where a run's files live in the store: the one module that spells store paths.
+
+Everything is relative to the store's root (``prolong.store.Store``)::
+
+    {run}/recipe.json                       the resolved recipe the jobs read
+    {run}/lease.json                        who is running this run now (prolong.lease)
+    {run}/{stage}/manifest.json             written last: the stage is done
+    {run}/{stage}/job.json                  the job of the stage's last attempt
+    {run}/{stage}/progress.json             how far that job got
+    {run}/{stage}/logs/{attempt}.log
+    {run}/{stage}/checkpoints/step_N/...    COMPLETE written last (sizes and sha256 of the files)
+    {run}/.previous/{stage}/                a stage's earlier outputs, kept until a new attempt succeeds
+    {run}/evals/{stage}-stepN/              evaluations of snapshots (prolong.snapshots)
+
+Names that become path segments (run names, stage names) are checked here, once, so that no
+value from a recipe, the CLI or a Prefect parameter can point outside the store (``..``, ``/``).
+Torch-free: the orchestrator imports it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prolong.errors import ConfigError
+
+RUN_RECIPE = "recipe.json"
+LEASE = "lease.json"
+MANIFEST = "manifest.json"
+JOB_RECORD = "job.json"
+PROGRESS = "progress.json"
+COMPLETE = "COMPLETE"
+PREVIOUS = ".previous"
+EVALS = "evals"
+LOGS = "logs"
+CHECKPOINTS = "checkpoints"
+
+# a leading letter or digit: never ".", "..", a hidden folder or an option-looking "-x"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+NAME_RULE = "1-128 letters, digits, '_', '-' or '.', starting with a letter or digit"
+
+
+def check_name(name: object, field: str) -> str:
+    """A run or stage name that is safe as one path segment, else a one-line ConfigError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{field}: {name!r} is not a valid name ({NAME_RULE})")
+    return name
+
+
+def check_run_name(name: object, field: str = "run name") -> str:
+    return check_name(name, field)
+
+
+def run_prefix(run: str) -> str:
+    return check_run_name(run)
+
+
+def run_recipe(run: str) -> str:
+    return f"{run_prefix(run)}/{RUN_RECIPE}"
+
+
+def lease(run: str, scope: str = "") -> str:
+    """The lease of a run (``scope`` = a sub-folder with a lease of its own, e.g. ``evals``)."""
+    return f"{run_prefix(run)}/{scope + '/' if scope else ''}{LEASE}"
+
+
+def stage_prefix(run: str, stage: str) -> str:
+    return f"{run_prefix(run)}/{stage}"
+
+
+def previous_prefix(run: str, stage: str) -> str:
+    """Where a stage's earlier outputs wait while a new attempt runs (prolong.pipeline)."""
+    return f"{run_prefix(run)}/{PREVIOUS}/{stage}"
+
+
+def manifest(prefix: str) -> str:
+    return f"{prefix}/{MANIFEST}"
+
+
+def job_record(prefix: str, label: str = "") -> str:
+    return f"{prefix}/{label + '-' if label else ''}{JOB_RECORD}"
+
+
+def progress(prefix: str) -> str:
+    return f"{prefix}/{PROGRESS}"
+
+
+def log(prefix: str, name: str) -> str:
+    return f"{prefix}/{LOGS}/{name}.log"
+
+
+def checkpoints(prefix: str) -> str:
+    """``prefix`` is a stage folder."""
+    return f"{prefix}/{CHECKPOINTS}"
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    """``step_00000040`` → 40; anything else → None."""
+    m = re.fullmatch(r"step_(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint(prefix: str, step: int) -> str:
+    return f"{checkpoints(prefix)}/{step_dir(step)}"
+
+
+def snapshot_prefix(run: str, tag: str) -> str:
+    return f"{run_prefix(run)}/{EVALS}/{tag}"
+
+
+def complete_steps(store, prefix: str) -> list[int]:
+    """Steps of the complete checkpoints of the stage folder ``prefix``, ascending (a checkpoint is
+    complete once its ``COMPLETE`` record exists: it is written last)."""
+    root = checkpoints(prefix)
+    steps = []
+    for name in store.list(root):
+        step = step_of(name)
+        if step is not None and store.exists(f"{root}/{name}/{COMPLETE}"):
+            steps.append(step)
+    return sorted(steps)
