@@ -55,7 +55,7 @@ def raw_tokens_per_s(texts: list[str], tok_path: str) -> tuple[float, int]:
 
 
 def prepare_tokens_per_s(path: Path, total_tokens: int, work: Path) -> tuple[float, int]:
-    from prolong.config import recipe_from_dict
+    from prolong.recipe import recipe_from_dict
     from prolong.data.prepare import prepare
     from prolong.store import Store
 

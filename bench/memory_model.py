@@ -43,7 +43,7 @@ def measure(seq_len: int, chunk: int, ac: bool, sp=None, world=None) -> dict:
     import torch
 
     from prolong.model import attention
-    from prolong.model.lm import TrainingLM
+    from prolong.train.lm import TrainingLM
     from prolong.model.load import load_model
     from prolong.parallel.parallelize import parallelize
     from prolong.parallel.world import World
@@ -70,11 +70,12 @@ def measure(seq_len: int, chunk: int, ac: bool, sp=None, world=None) -> dict:
 
 def sp_worker(out: str) -> None:
     """Under torchrun: every rank measures its own step at SP = world size."""
-    from prolong.parallel.world import init_world, shutdown
+    from prolong.parallel.dims import ParallelDims
     from prolong.parallel.ulysses import build_group
+    from prolong.parallel.world import init_world, shutdown
 
     world = init_world()
-    sp = build_group(world, world.world_size)
+    sp = build_group(world, ParallelDims(world.world_size, world.world_size))
     rows = [measure(seq_len, chunk, ac, sp=sp, world=world) for seq_len, chunk, ac in CASES if ac]
     if world.is_main:
         Path(out).write_text(json.dumps(rows))

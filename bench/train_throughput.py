@@ -45,13 +45,14 @@ def main() -> int:
         return 2
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prolong.config import load_recipe
+    from prolong.recipe import load_recipe
     from prolong.model import attention
-    from prolong.model.lm import TrainingLM
+    from prolong.train.lm import TrainingLM
     from prolong.parallel.world import World
     from prolong.train.batch import collate
     from prolong.parallel.engine import build_engine
     from prolong.train.flops import FlopCounter, peak_flops
+    from prolong.train.callbacks import Throughput
     from prolong.train.trainer import Trainer
 
     cuda = torch.cuda.is_available()
@@ -73,10 +74,10 @@ def main() -> int:
     recipe = load_recipe(ROOT / "recipes" / ("tiny.yaml" if args.smoke else "prolong-8b.yaml"), [
         f"stage1.seq_len={args.seq}", f"stage1.batch_tokens={args.seq}", f"stage1.compile={args.compile}",
         "stage1.activation_checkpointing=true", "stage1.steps=1000"])
-    engine = build_engine(TrainingLM(lm, loss_chunk_size=8192), recipe.stage1, recipe.parallel, world,
+    engine = build_engine(TrainingLM(lm, loss_chunk_size=8192), recipe.train_stage("stage1"), recipe.parallel, world,
                           torch.bfloat16 if cuda else torch.float32)
-    trainer = Trainer(engine, iter([]), recipe.stage1, world, accumulation=1, callbacks=[],
-                      flops=FlopCounter.for_model(lm), peak_flops=peak_flops(device) if cuda else None)
+    meter = Throughput(FlopCounter.for_model(lm), peak_flops(device) if cuda else None, args.seq, 1)
+    trainer = Trainer(engine, iter([]), recipe.train_stage("stage1"), world, accumulation=1, callbacks=[meter])
     g = torch.Generator().manual_seed(0)
 
     def batch():
@@ -97,6 +98,7 @@ def main() -> int:
         if cuda:
             torch.cuda.synchronize()
         m = trainer.train_step([batch()])
+        meter.on_step_end(trainer, m)
         if cuda:
             torch.cuda.synchronize()
         if step >= args.warmup:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from prolong.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
+from prolong.recipe import apply_overrides, load_recipe, read_run_recipe, recipe_from_dict, recipe_to_dict
 from prolong.layout import EVALS, check_run_name
-from prolong.pipeline import RunContext, read_run_recipe
+from prolong.pipeline import RunContext
 from prolong.store import DEFAULT_STORE, open_store
 from flows.runs import holding
 from flows.secrets import load_secrets

@@ -12,11 +12,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from prolong.config import load_recipe, recipe_to_dict
-from prolong.layout import check_run_name
+from prolong.recipe import load_recipe, recipe_to_dict
+from prolong.eval.report import side_by_side
+from prolong.layout import check_run_name, run_report
 from prolong.pipeline import RunContext, publish_recipe, summarize_metrics
 from prolong.preflight import check_run
-from prolong.stages import STAGES, select_stages, upstream
 from prolong.store import DEFAULT_STORE, open_store
 from flows.runs import holding
 from flows.secrets import load_secrets
@@ -49,9 +49,9 @@ def prolong_recipe(recipe: str = "recipes/tiny.yaml", run_name: str | None = Non
         logger.info("credentials from Secret blocks: %s", ", ".join(names))
     cfg = load_recipe(recipe, overrides or [])
     run = check_run_name(run_name or cfg.name, "run_name")
-    chosen = select_stages(cfg, stages, from_stage)
+    chosen = cfg.graph.select(stages, from_stage)
     ctx = RunContext(recipe=cfg, store=open_store(store), run=run)
-    forced = set(chosen[chosen.index(from_stage):]) if from_stage else set()
+    forced = cfg.graph.forced_by(chosen, from_stage)
     results: dict[str, dict] = {}
     with holding(ctx) as lease:
         todo = check_run(ctx, chosen, forced)  # every stage that will run, before the first one does
@@ -62,14 +62,19 @@ def prolong_recipe(recipe: str = "recipes/tiny.yaml", run_name: str | None = Non
         for stage in chosen:
             lease.check()
             lease.renew(stage=stage)
-            ups = {u: results[u]["digest"] for u in upstream(cfg, stage) if u in results}
+            ups = {u: results[u]["digest"] for u in cfg.graph.upstream(stage) if u in results}
             results[stage] = stage_task.with_options(name=stage, task_run_name=f"{stage}")(
                 stage, raw, run, ctx.store.url, force=stage in forced, upstream=ups)
-    rows = ["| stage | | result |", "|---|---|---|"]
-    for stage in [s for s in STAGES if s in results]:
+    rows = ["| stage | kind | | result |", "|---|---|---|---|"]
+    for stage in results:
         r = results[stage]
-        rows.append(f"| {stage} | {'skipped' if r['skipped'] else 'ran'} | {summarize_metrics(stage, r['metrics'])} |")
+        rows.append(f"| {stage} | {cfg.stage(stage).kind} | {'skipped' if r['skipped'] else 'ran'} | "
+                    f"{summarize_metrics(cfg, stage, r['metrics'])} |")
+    evaluations = {s: (cfg.stages[s].model_from, results[s]["metrics"]) for s in cfg.graph.of_kind("eval") if s in results}
+    compared = side_by_side(run, evaluations)
+    if compared:
+        best_effort(ctx.store.write_bytes_atomic, run_report(run), compared.encode())
     best_effort(create_markdown_artifact,
-                f"## ProLong run `{run}`\n\nStore: `{ctx.store.uri(run)}`\n\n" + "\n".join(rows),
+                f"## ProLong run `{run}`\n\nStore: `{ctx.store.uri(run)}`\n\n" + "\n".join(rows) + "\n\n" + compared,
                 key=artifact_key(run, "summary"), description=f"{run}: recipe summary")
     return {stage: r["digest"] for stage, r in results.items()}

@@ -64,20 +64,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_validate(args) -> int:
-    from prolong.config import load_recipe
-    from prolong.stages import config_digest, present_stages
+    from prolong.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: valid recipe {recipe.name!r}")
-    for stage in present_stages(recipe):
-        print(f"  {stage:7s} config {config_digest(recipe, stage)[:12]}")
+    width = max(len(s) for s in recipe.graph.order)
+    for stage in recipe.graph.order:
+        node = recipe.graph[stage]
+        after = ", ".join(node.upstream()) or "-"
+        print(f"  {stage:{width}s} {node.kind:6s} config {node.config_digest()[:12]}  after {after}")
     return 0
 
 
 def _run_recipe(args):
-    from prolong.config import recipe_from_dict
+    from prolong.recipe import recipe_from_dict
     from prolong.layout import check_run_name
-    from prolong.pipeline import read_run_recipe
+    from prolong.recipe import read_run_recipe
     from prolong.store import open_store
 
     check_run_name(args.run, "RUN")
@@ -95,13 +97,14 @@ def _cmd_status(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"run {args.run} in {store.uri(args.run)}")
+    width = max([7, *(len(r["stage"]) for r in rows)])
     for r in rows:
-        detail = summarize_metrics(r["stage"], r["metrics"]) if r["state"] == "done" else ""
+        detail = summarize_metrics(recipe, r["stage"], r["metrics"]) if r["state"] == "done" else ""
         if r["progress"]:
             detail = f"{progress_line(r['progress'])} ({r['progress'].get('updated_at')})"
             if r["state"] == "interrupted":
                 detail = f"stopped at {detail}; no run holds the run now: `prolong run` resumes it"
-        print(f"  {r['stage']:7s} {r['state']:11s} {r['finished_at'] or '':26s} {detail}")
+        print(f"  {r['stage']:{width}s} {r['state']:11s} {r['finished_at'] or '':26s} {detail}")
     return 0
 
 
@@ -116,15 +119,14 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from prolong.config import load_recipe
+    from prolong.recipe import load_recipe
     from prolong.layout import check_run_name
-    from prolong.stages import select_stages
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before starting Prefect
     if args.run_name is not None:
         check_run_name(args.run_name, "--run-name")
-    select_stages(recipe, stages, args.from_stage)
+    recipe.graph.select(stages, args.from_stage)
 
     _check_prefect_api()
     from flows.recipe import prolong_recipe

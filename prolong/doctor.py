@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prolong import layout
-from prolong.config import Recipe
+from prolong.recipe import Recipe
 from prolong.integrity import checkpoint_damage, find_damage
 from prolong.lease import describe, is_live, read_lease
 from prolong.manifest import DamagedManifest, read_manifest
-from prolong.stages import present_stages
 from prolong.store import Store
 
 
@@ -52,7 +51,7 @@ class RunHealth:
 
 def diagnose(store: Store, run: str, recipe: Recipe, *, content: bool = True) -> RunHealth:
     stages = []
-    for stage in present_stages(recipe):
+    for stage in recipe.graph.order:
         prefix = layout.stage_prefix(run, stage)
         health = StageHealth(stage, "not run")
         try:
@@ -86,9 +85,10 @@ def diagnose(store: Store, run: str, recipe: Recipe, *, content: bool = True) ->
 
 def report(health: RunHealth) -> str:
     lines = [f"run {health.run}: {'healthy' if health.healthy else 'DAMAGED'}; lease {health.lease}"]
+    width = max([7, *(len(s.stage) for s in health.stages)])
     for s in health.stages:
         detail = f"{s.files} files verified" if s.state == "ok" else ""
-        lines.append(f"  {s.stage:7s} {s.state:10s} {detail}".rstrip())
+        lines.append(f"  {s.stage:{width}s} {s.state:10s} {detail}".rstrip())
         lines += [f"          damaged: {p}" for p in s.problems[:10]]
         if len(s.problems) > 10:
             lines.append(f"          ... and {len(s.problems) - 10} more")

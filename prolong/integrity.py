@@ -125,3 +125,11 @@ def checkpoint_damage(store: Store, stage_prefix: str, step: int) -> str | None:
         if sizes.get(name) != size:
             return f"{name} " + ("is missing" if name not in sizes else f"is {sizes[name]} bytes, {size} when saved")
     return None
+
+
+def checkpoint_identity(store: Store, stage_prefix: str, step: int) -> str:
+    """What identifies a checkpoint's contents cheaply: the digest of its trainer state (step, data
+    position, input key), written once per save. Evaluations of snapshots are keyed by it."""
+    from prolong import layout
+
+    return hashlib.sha256(store.read_bytes(f"{layout.checkpoint(stage_prefix, step)}/trainer.json")).hexdigest()

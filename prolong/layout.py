@@ -4,6 +4,8 @@ Everything is relative to the store's root (``prolong.store.Store``)::
 
     {run}/recipe.json                       the resolved recipe the jobs read
     {run}/lease.json                        who is running this run now (prolong.lease)
+    {run}/lease-evals.json                  who is evaluating its snapshots now
+    {run}/report.md                         its evaluations side by side
     {run}/{stage}/manifest.json             written last: the stage is done
     {run}/{stage}/job.json                  the job of the stage's last attempt
     {run}/{stage}/progress.json             how far that job got
@@ -58,9 +60,14 @@ def run_recipe(run: str) -> str:
     return f"{run_prefix(run)}/{RUN_RECIPE}"
 
 
+def run_report(run: str) -> str:
+    """The run's evaluations side by side (written by the flow when it has any)."""
+    return f"{run_prefix(run)}/report.md"
+
+
 def lease(run: str, scope: str = "") -> str:
-    """The lease of a run (``scope`` = a sub-folder with a lease of its own, e.g. ``evals``)."""
-    return f"{run_prefix(run)}/{scope + '/' if scope else ''}{LEASE}"
+    """The lease of a run (``scope``: a part with a lease of its own, e.g. ``evals``: lease-evals.json)."""
+    return f"{run_prefix(run)}/{LEASE.replace('.json', f'-{scope}.json') if scope else LEASE}"
 
 
 def stage_prefix(run: str, stage: str) -> str:
@@ -70,6 +77,12 @@ def stage_prefix(run: str, stage: str) -> str:
 def previous_prefix(run: str, stage: str) -> str:
     """Where a stage's earlier outputs wait while a new attempt runs (prolong.pipeline)."""
     return f"{run_prefix(run)}/{PREVIOUS}/{stage}"
+
+
+def previous_of(prefix: str) -> str:
+    """:func:`previous_prefix` of any folder of a run (``{run}/evals/x`` → ``{run}/.previous/evals/x``)."""
+    run, _, rest = prefix.partition("/")
+    return f"{run_prefix(run)}/{PREVIOUS}/{rest}"
 
 
 def manifest(prefix: str) -> str:
@@ -104,7 +117,17 @@ def step_of(name: str) -> int | None:
 
 
 def checkpoint(prefix: str, step: int) -> str:
-    return f"{checkpoints(prefix)}/{step_dir(step)}"
+    return f"{prefix}/{checkpoint_in_stage(step)}"
+
+
+def checkpoint_in_stage(step: int) -> str:
+    """A checkpoint's path inside its stage folder (manifests record outputs relative to it)."""
+    return f"{CHECKPOINTS}/{step_dir(step)}"
+
+
+def stream(name: str) -> str:
+    """A stream's folder in its data stage's folder (``streams/L64K/books@64K``)."""
+    return f"streams/{name}"
 
 
 def snapshot_prefix(run: str, tag: str) -> str:

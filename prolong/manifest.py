@@ -18,15 +18,18 @@ import importlib.metadata
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
 
 from prolong import layout
-from prolong.config import Recipe
 from prolong.errors import StageError, StoreError
 from prolong.integrity import SEAL, seal_of
-from prolong.layout import MANIFEST, stage_prefix
-from prolong.stages import code_version, config_digest, digest, input_key, stage_config, upstream
+from prolong.layout import stage_prefix
+from prolong.stages.base import code_version, digest, input_key
 from prolong.store import FileEntry, Store
+
+if TYPE_CHECKING:
+    from prolong.recipe import Recipe
 
 _PACKAGES = ("torch", "transformers", "tokenizers", "mosaicml-streaming", "numpy", "fsspec", "s3fs",
              "lm_eval", "datasets", "accelerate", "deepspeed", "flash-attn", "prefect")
@@ -122,7 +125,7 @@ def upstream_digests(store: Store, run: str, recipe: Recipe, stage: str) -> dict
     """Digests of `stage`'s upstream manifests; a missing upstream is a one-line StageError, a
     damaged one a StoreError naming it."""
     out = {}
-    for up in upstream(recipe, stage):
+    for up in recipe.graph.upstream(stage):
         m = read_manifest(store, run, up)
         if m is None:
             raise StageError(f"{stage}: upstream stage {up} of run {run!r} is not done "
@@ -132,7 +135,7 @@ def upstream_digests(store: Store, run: str, recipe: Recipe, stage: str) -> dict
 
 
 def expected_key(store: Store, run: str, recipe: Recipe, stage: str) -> str:
-    return input_key(config_digest(recipe, stage), upstream_digests(store, run, recipe, stage))
+    return input_key(recipe.graph[stage].config_digest(), upstream_digests(store, run, recipe, stage))
 
 
 def stage_state(store: Store, run: str, recipe: Recipe, stage: str) -> tuple[str, Manifest | None]:
@@ -161,7 +164,7 @@ class StageRecorder:
         self.store, self.run, self.recipe, self.stage = store, run, recipe, stage
         self.prefix = prefix or stage_prefix(run, stage)
         self.upstream = upstream if upstream is not None else upstream_digests(store, run, recipe, stage)
-        self.config_digest = config_digest(recipe, stage)
+        self.config_digest = recipe.graph[stage].config_digest()
         self.input_key = input_key(self.config_digest, self.upstream)
         self.started_at = now()
         self.outputs: dict[str, FileEntry] = {}
@@ -212,7 +215,7 @@ class StageRecorder:
     def finish(self, metrics: dict | None = None, artifacts: dict | None = None) -> Manifest:
         m = Manifest(
             stage=self.stage, run=self.run, input_key=self.input_key, config_digest=self.config_digest,
-            upstream=self.upstream, code_version=code_version(), config=stage_config(self.recipe, self.stage),
+            upstream=self.upstream, code_version=code_version(), config=self.recipe.graph[self.stage].config_slice(),
             outputs=[e.to_dict() for _, e in sorted(self.outputs.items())], metrics=metrics or {},
             artifacts=artifacts or {}, started_at=self.started_at, finished_at=now(), git=git_state(),
             packages=package_versions(),

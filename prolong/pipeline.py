@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Callable
 
 from prolong import layout
-from prolong.config import Recipe, recipe_to_dict
 from prolong.errors import JobError, StageError, StoreError
 from prolong.jobs import JobBackend, JobSpec, JobState, get_backend
-from prolong.layout import JOB_RECORD, RUN_RECIPE, stage_prefix
+from prolong.layout import JOB_RECORD, stage_prefix
 from prolong.lease import Lease
-from prolong.manifest import Manifest, expected_key, now, read_manifest, stage_state
-from prolong.stages import digest
+from prolong.manifest import Manifest, expected_key, now, read_manifest_at, stage_state
+from prolong.parallel.dims import job_ranks
+from prolong.recipe import Recipe, read_run_recipe, recipe_to_dict  # noqa: F401 (read_run_recipe: for callers)
+from prolong.stages.base import digest
 from prolong.store import Store
 
 log = logging.getLogger(__name__)
@@ -83,29 +84,21 @@ def publish_recipe(ctx: RunContext) -> str:
         current = ctx.store.read_json(rel) if ctx.store.exists(rel) else None
     except StoreError:
         current = None
-    if current != data:
-        ctx.store.write_json_atomic(rel, data)
+    if json.dumps(current) != json.dumps(data):  # order counts: stages in declaration order
+        ctx.store.write_json_atomic(rel, data, sort_keys=False)
     return digest(data)
-
-
-def read_run_recipe(store: Store, run: str) -> dict:
-    """The resolved recipe a run was started with (see :func:`publish_recipe`)."""
-    rel = layout.run_recipe(run)
-    if not store.exists(rel):
-        raise StageError(f"run {run!r}: not found in {store.uri()} (no {rel})")
-    return store.read_json(rel)
 
 
 def job_spec(ctx: RunContext, stage: str, attempt: str, args: list[str] | None = None,
              label: str | None = None) -> JobSpec:
-    """The job of ``stage`` (or of another job entry, e.g. ``export``, with ``args``); ``label``
-    names the job and its log file when it is not the stage itself."""
-    jobs = ctx.recipe.jobs
-    single = stage in ("data", "eval")  # one process: data preparation, generation-based eval
-    nproc = 1 if single else jobs.nproc_per_node
-    # on a cluster only training spans nodes; data preparation needs no GPU, eval one
-    nnodes = jobs.slurm.nodes if jobs.backend == "slurm" and not single else 1
-    gpus = {"data": 0, "eval": min(1, jobs.slurm.gpus_per_node)}.get(stage)
+    """The job of ``stage``, shaped by its kind's needs (or, with ``args``, another job entry such
+    as ``export-checkpoint`` on the stage's ranks); ``label`` names the job and its log file when it
+    is not the stage itself."""
+    jobs, needs = ctx.recipe.jobs, ctx.recipe.graph[stage].needs
+    nproc = jobs.nproc_per_node if needs.ranks == "per_device" else 1
+    # on a cluster only some kinds (training) span nodes
+    nnodes = job_ranks(jobs, all_nodes=needs.nodes == "all") // jobs.nproc_per_node
+    gpus = {"none": 0, "one": min(1, jobs.slurm.gpus_per_node), "all": None}[needs.gpus]
     label = label or stage
     return JobSpec(
         name=f"{ctx.run}-{label}", args=args or [stage, ctx.store.url, ctx.run],
@@ -123,6 +116,59 @@ def read_progress(store: Store, prefix: str) -> dict | None:
         return None  # a progress file is advisory; never fail a stage over it
 
 
+@dataclass
+class Work:
+    """One keyed job: it is done when ``prefix`` holds a manifest with ``key``. Stages are work
+    (:func:`run_stage`), and so are the steps of a snapshot evaluation (prolong.snapshots)."""
+
+    what: str  # in logs and errors: "stage1", "eval stage2-step00000040"
+    prefix: str  # the folder the job writes; its manifest.json says done
+    key: str
+    spec: JobSpec
+    attempt: str
+    fresh: bool = False  # start afresh: earlier outputs set aside until the new attempt succeeds
+
+
+def new_attempt() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_work(ctx: RunContext, work: Work, *, on_log: Callable[[str], None] | None = None,
+             on_progress: Callable[[dict], None] | None = None) -> tuple[Manifest, bool, str | None, str | None]:
+    """Skip if done → submit → wait → check the key: (manifest, skipped, job id, log URI)."""
+    done = read_manifest_at(ctx.store, work.prefix)
+    if done is not None and done.input_key == work.key and not work.fresh:
+        log.info("%s: done (manifest %s), skipping", work.what, done.digest[:12])
+        return done, True, None, None
+    record = layout.job_record(work.prefix)
+    aside = None
+    if work.fresh:
+        stop_earlier_job(ctx, record, work.spec)  # before its folder moves; run_job checks otherwise
+        aside = set_aside(ctx.store, work.prefix)
+    if ctx.lease is not None:
+        ctx.lease.check()
+
+    def tick():
+        if on_progress and (p := read_progress(ctx.store, work.prefix)):
+            on_progress(p)
+
+    try:
+        job_id, log_uri = run_job(ctx, work.spec, work.what, layout.log(work.prefix, work.attempt), on_log=on_log,
+                                  on_tick=tick, record=record)
+        tick()  # the final state, which a job quicker than the poll interval would otherwise never show
+        manifest = read_manifest_at(ctx.store, work.prefix)
+        if manifest is None or manifest.input_key != work.key:
+            raise StageError(f"{work.what}: the job finished but wrote no manifest for these inputs [log: {log_uri}]")
+    except BaseException:
+        if aside is not None:
+            put_back_unless_resumable(ctx.store, work.prefix, aside)
+        raise
+    if aside is not None:
+        ctx.store.delete(aside)  # the new outputs are complete: the old ones have served their turn
+        _tidy_previous(ctx.store, work.prefix)
+    return manifest, False, job_id, log_uri
+
+
 def run_stage(ctx: RunContext, stage: str, *, force: bool = False, on_log: Callable[[str], None] | None = None,
               on_progress: Callable[[dict], None] | None = None) -> StageResult:
     state, manifest = stage_state(ctx.store, ctx.run, ctx.recipe, stage)
@@ -134,60 +180,36 @@ def run_stage(ctx: RunContext, stage: str, *, force: bool = False, on_log: Calla
         log.info("%s: finished earlier for other inputs (recipe or upstream changed); running it again", stage)
     elif state == "damaged":
         log.warning("%s: its manifest is damaged; running the stage again", stage)
-    attempt = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    spec = job_spec(ctx, stage, attempt)
-    prefix = stage_prefix(ctx.run, stage)
-    record = layout.job_record(prefix)
-    aside = None
-    if force or state in ("stale", "damaged"):
-        stop_earlier_job(ctx, record, spec)  # before its folder moves; run_job checks otherwise
-        aside = set_aside(ctx.store, ctx.run, stage)
+    attempt = new_attempt()
     if ctx.lease is not None:
-        ctx.lease.check()
         ctx.lease.renew(stage=stage, job_id=None)
-
-    def tick():
-        if on_progress and (p := read_progress(ctx.store, prefix)):
-            on_progress(p)
-
-    try:
-        job_id, log_uri = run_job(ctx, spec, stage, layout.log(prefix, attempt), on_log=on_log, on_tick=tick,
-                                  record=record)
-        tick()  # the final state, which a job quicker than the poll interval would otherwise never show
-        manifest = read_manifest(ctx.store, ctx.run, stage)
-        if manifest is None or manifest.input_key != key:
-            raise StageError(f"{stage}: the job finished but wrote no manifest for these inputs [log: {log_uri}]")
-    except BaseException:
-        if aside is not None:
-            put_back_unless_resumable(ctx.store, ctx.run, stage, aside)
-        raise
-    if aside is not None:
-        ctx.store.delete(aside)  # the new outputs are complete: the old ones have served their turn
-        _tidy_previous(ctx.store, ctx.run)
-    return StageResult(stage, manifest, skipped=False, job_id=job_id, log_uri=log_uri)
+    work = Work(stage, stage_prefix(ctx.run, stage), key, job_spec(ctx, stage, attempt), attempt,
+                fresh=force or state in ("stale", "damaged"))
+    manifest, skipped, job_id, log_uri = run_work(ctx, work, on_log=on_log, on_progress=on_progress)
+    return StageResult(stage, manifest, skipped=skipped, job_id=job_id, log_uri=log_uri)
 
 
-def set_aside(store: Store, run: str, stage: str) -> str | None:
-    """Move a stage's folder to ``{run}/.previous/{stage}`` (replacing an older one there) before a
-    fresh attempt; returns where it went, or None when there was nothing to keep."""
-    prefix, aside = stage_prefix(run, stage), layout.previous_prefix(run, stage)
+def set_aside(store: Store, prefix: str) -> str | None:
+    """Move a work's folder to its place under ``{run}/.previous/`` (replacing an older one there)
+    before a fresh attempt; returns where it went, or None when there was nothing to keep."""
+    aside = layout.previous_of(prefix)
     if not store.list(prefix):
         return aside if store.exists(layout.manifest(aside)) else None
     store.move(prefix, aside)
-    log.info("%s: earlier outputs set aside in %s until the new attempt succeeds", stage, store.uri(aside))
+    log.info("earlier outputs of %s set aside in %s until the new attempt succeeds", store.uri(prefix),
+             store.uri(aside))
     return aside
 
 
-def _tidy_previous(store: Store, run: str) -> None:
-    parent = layout.previous_prefix(run, "").rstrip("/")
+def _tidy_previous(store: Store, prefix: str) -> None:
+    parent = layout.previous_of(prefix).rsplit("/", 1)[0]
     if store.is_local and not store.list(parent):
         store.delete(parent)  # an empty folder (object stores have none)
 
 
-def put_back_unless_resumable(store: Store, run: str, stage: str, aside: str) -> None:
-    """After a failed attempt: when it left no complete checkpoint to resume from, its stage folder
-    gets the earlier outputs back (with this attempt's logs and job record, which the error names)."""
-    prefix = stage_prefix(run, stage)
+def put_back_unless_resumable(store: Store, prefix: str, aside: str) -> None:
+    """After a failed attempt: when it left no complete checkpoint to resume from, its folder gets
+    the earlier outputs back (with this attempt's logs and job record, which the error names)."""
     try:
         if layout.complete_steps(store, prefix) or not store.list(aside):
             return
@@ -196,11 +218,11 @@ def put_back_unless_resumable(store: Store, run: str, stage: str, aside: str) ->
                 store.move(f"{prefix}/{sub}", f"{aside}/{sub}")
         store.delete(prefix)
         store.move(aside, prefix)
-        _tidy_previous(store, run)
-        log.warning("%s: the new attempt failed before it produced anything to resume from; the earlier "
-                    "outputs are back in %s", stage, store.uri(prefix))
+        _tidy_previous(store, prefix)
+        log.warning("the new attempt at %s failed before it produced anything to resume from; the earlier "
+                    "outputs are back", store.uri(prefix))
     except StoreError as e:  # the failure being reported matters more; the outputs stay in the aside folder
-        log.error("%s: could not put the earlier outputs back from %s (%s)", stage, store.uri(aside), e)
+        log.error("could not put the earlier outputs of %s back from %s (%s)", store.uri(prefix), store.uri(aside), e)
 
 
 def stop_earlier_job(ctx: RunContext, record: str, spec: JobSpec) -> None:
@@ -272,12 +294,11 @@ def status_table(store: Store, run: str, recipe: Recipe) -> list[dict]:
     lease and works on it) or interrupted (its job's progress says running, but no run holds the
     lease) — with its finish time, manifest digest, metrics and last progress."""
     from prolong.lease import is_live, read_lease
-    from prolong.stages import present_stages
 
     holder = read_lease(store, layout.lease(run))
     live = is_live(holder)
     rows = []
-    for stage in present_stages(recipe):
+    for stage in recipe.graph.order:
         state, m = stage_state(store, run, recipe, stage)
         progress = read_progress(store, stage_prefix(run, stage)) if state != "done" else None
         if state != "done" and progress and progress.get("state") == "running":
@@ -288,25 +309,8 @@ def status_table(store: Store, run: str, recipe: Recipe) -> list[dict]:
     return rows
 
 
-def summarize_metrics(stage: str, metrics: dict) -> str:
-    """One short line of a stage's headline numbers, for tables and logs."""
-    if stage == "data":
-        return f"{metrics.get('samples', 0)} samples, {metrics.get('tokens', 0):,} tokens in {len(metrics.get('streams', {}))} streams"
-    if stage in ("stage1", "stage2", "sft"):
-        first, last = metrics.get("loss_first"), metrics.get("loss_last10")
-        if first is None:
-            return ""
-        return f"{metrics.get('steps')} steps, loss {first:.3f} → {last:.3f}, θ={metrics.get('rope_theta'):g}"
-    if stage == "eval":
-        parts = []
-        for name, c in metrics.get("categories", {}).items():
-            if c.get("mean") is not None:
-                parts.append(f"{name} {c['mean']:.0f}")
-        if "perplexity" in metrics:
-            parts.append(f"ppl {metrics['perplexity']['perplexity']:.1f}")
-        for task, m in metrics.get("lm_eval", {}).items():
-            acc = next((v for k, v in m.items() if k.startswith("acc") and "stderr" not in k), None)
-            if acc is not None:
-                parts.append(f"{task} acc {acc:.3f}")
-        return "; ".join(parts)
+def summarize_metrics(recipe: Recipe, stage: str, metrics: dict) -> str:
+    """One short line of a stage's headline numbers, for tables and logs (its kind says which)."""
+    if stage in recipe.graph:
+        return recipe.graph[stage].headline(metrics)
     return json.dumps(metrics)[:80]

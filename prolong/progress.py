@@ -22,7 +22,6 @@ from prolong.errors import StoreError
 from prolong.manifest import now
 
 log = logging.getLogger(__name__)
-PROGRESS = "progress.json"
 
 
 class StageProgress:

@@ -11,21 +11,19 @@ ranks that wrote it; evaluation is a second job. The orchestrator only submits a
 
 from __future__ import annotations
 
-import datetime
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from prolong.config import TRAIN_STAGES, recipe_to_dict
 from prolong.errors import StageError
-from prolong.layout import MANIFEST, complete_steps, stage_prefix
+from prolong.integrity import checkpoint_identity
+from prolong.layout import complete_steps, snapshot_prefix, stage_prefix
 from prolong.manifest import Manifest, read_manifest
-from prolong.pipeline import JOB_RECORD, RunContext, job_spec, read_progress, run_job
-from prolong.stages import config_digest, digest, input_key
+from prolong.pipeline import RunContext, Work, job_spec, new_attempt, run_work
+from prolong.recipe import recipe_to_dict
+from prolong.stages.base import input_key
 
 log = logging.getLogger(__name__)
-
-EVALS = "evals"
 REQUEST = "request.json"
 
 
@@ -45,10 +43,11 @@ class SnapshotEval:
     snapshot: Snapshot
     manifest: Manifest
     skipped: bool
+    eval_stage: str
 
 
 def newest_snapshot(ctx: RunContext) -> Snapshot:
-    for stage in reversed([s for s in TRAIN_STAGES if s in ctx.recipe.present_train_stages()]):
+    for stage in reversed(ctx.recipe.graph.of_kind("train")):
         m = read_manifest(ctx.store, ctx.run, stage)
         if m is not None:
             return Snapshot(stage, int(m.metrics["steps"]), final=True)
@@ -59,58 +58,44 @@ def newest_snapshot(ctx: RunContext) -> Snapshot:
                      "to evaluate yet")
 
 
-def snapshot_prefix(run: str, snap: Snapshot) -> str:
-    return f"{run}/{EVALS}/{snap.tag}"
-
-
 def snapshot_upstream(ctx: RunContext, snap: Snapshot) -> dict[str, str]:
-    """What the evaluation depends on: the stage's manifest, or the checkpoint's trainer state."""
+    """What the evaluation depends on: the stage's manifest, or the checkpoint itself."""
     if snap.final:
         return {snap.stage: read_manifest(ctx.store, ctx.run, snap.stage).digest}
-    state = ctx.store.read_bytes(f"{stage_prefix(ctx.run, snap.stage)}/checkpoints/step_{snap.step:08d}/trainer.json")
-    return {snap.tag: digest(state.decode())}
+    return {snap.tag: checkpoint_identity(ctx.store, stage_prefix(ctx.run, snap.stage), snap.step)}
 
 
-def snapshot_key(ctx: RunContext, snap: Snapshot) -> str:
-    return input_key(config_digest(ctx.recipe, "eval"), snapshot_upstream(ctx, snap))
+def eval_stage_of(ctx: RunContext) -> str:
+    """The eval stage whose settings evaluate snapshots: "eval", else the recipe's last one."""
+    evals = ctx.recipe.graph.of_kind("eval")
+    if not evals:
+        raise StageError(f"recipe {ctx.recipe.name!r} has no eval stage to evaluate with")
+    return "eval" if "eval" in evals else evals[-1]
 
 
 def evaluate_newest(ctx: RunContext, *, on_log: Callable[[str], None] | None = None,
                     on_progress: Callable[[dict], None] | None = None) -> SnapshotEval:
-    if ctx.recipe.eval is None:
-        raise StageError(f"recipe {ctx.recipe.name!r} has no eval section to evaluate with")
+    eval_stage = eval_stage_of(ctx)
     snap = newest_snapshot(ctx)
-    out = snapshot_prefix(ctx.run, snap)
-    key = snapshot_key(ctx, snap)
-    done = read_manifest(ctx.store, ctx.run, f"{EVALS}/{snap.tag}")
-    if done is not None and done.input_key == key:
-        log.info("%s: already evaluated (%s); nothing new", snap.tag, ctx.store.uri(f"{out}/{MANIFEST}"))
-        return SnapshotEval(snap, done, skipped=True)
-    attempt = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = snapshot_prefix(ctx.run, snap.tag)
+    upstream = snapshot_upstream(ctx, snap)
+    attempt = new_attempt()
     if snap.final:
         model_rel = f"{stage_prefix(ctx.run, snap.stage)}/{read_manifest(ctx.store, ctx.run, snap.stage).artifacts['hf_model']}"
-    else:
-        model_rel = f"{out}/hf"
-        if not ctx.store.exists(f"{model_rel}/config.json"):
-            args = ["export", ctx.store.url, ctx.run, snap.stage, str(snap.step), model_rel]
-            run_job(ctx, job_spec(ctx, snap.stage, attempt, args=args, label=f"export-{snap.tag}"),
-                    f"export {snap.tag}", f"{out}/logs/export-{attempt}.log", on_log=on_log,
-                    record=f"{out}/export-{JOB_RECORD}")
+    else:  # a checkpoint: HF weights first, by a job on the ranks that wrote it (keyed like any work)
+        model = f"{out}/model"
+        args = ["export-checkpoint", ctx.store.url, ctx.run, snap.stage, str(snap.step), model]
+        work = Work(f"export {snap.tag}", model, input_key(ctx.recipe.graph[snap.stage].config_digest(), upstream),
+                    job_spec(ctx, snap.stage, attempt, args=args, label=f"export-{snap.tag}"), attempt)
+        exported, *_ = run_work(ctx, work, on_log=on_log)
+        model_rel = f"{model}/{exported.artifacts['hf_model']}"
     # the job reads what to evaluate from here: its arguments stay short and torchrun-safe
     # (the recipe too: evaluation settings may differ from the ones the run was trained with)
     ctx.store.write_json_atomic(f"{out}/{REQUEST}", {"model": model_rel, "model_stage": snap.stage,
-                                                      "upstream": snapshot_upstream(ctx, snap),
-                                                      "recipe": recipe_to_dict(ctx.recipe)})
-    args = ["eval", ctx.store.url, ctx.run, out]
-
-    def tick():
-        if on_progress and (p := read_progress(ctx.store, out)):
-            on_progress(p)
-
-    run_job(ctx, job_spec(ctx, "eval", attempt, args=args, label=f"eval-{snap.tag}"), f"eval {snap.tag}",
-            f"{out}/logs/eval-{attempt}.log", on_log=on_log, on_tick=tick, record=f"{out}/{JOB_RECORD}")
-    tick()
-    manifest = read_manifest(ctx.store, ctx.run, f"{EVALS}/{snap.tag}")
-    if manifest is None or manifest.input_key != key:
-        raise StageError(f"eval {snap.tag}: the job finished but wrote no manifest in {ctx.store.uri(out)}")
-    return SnapshotEval(snap, manifest, skipped=False)
+                                                      "upstream": upstream, "eval_stage": eval_stage,
+                                                      "recipe": recipe_to_dict(ctx.recipe)}, sort_keys=False)
+    work = Work(f"eval {snap.tag}", out, input_key(ctx.recipe.graph[eval_stage].config_digest(), upstream),
+                job_spec(ctx, eval_stage, attempt, args=[eval_stage, ctx.store.url, ctx.run, out],
+                         label=f"eval-{snap.tag}"), attempt)
+    manifest, skipped, _, _ = run_work(ctx, work, on_log=on_log, on_progress=on_progress)
+    return SnapshotEval(snap, manifest, skipped=skipped, eval_stage=eval_stage)

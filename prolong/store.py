@@ -16,9 +16,7 @@ Failures of the store itself (unreachable, no such bucket, no space left) are on
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +29,7 @@ from typing import Any, Iterator
 from fsspec.core import url_to_fs
 
 from prolong.errors import StoreError
+from prolong.locks import file_lock
 
 DEFAULT_STORE = "./runs"
 _CHUNK = 8 << 20
@@ -201,9 +200,10 @@ class Store:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def write_json_atomic(self, rel: str, obj: Any) -> bytes:
-        """Write `obj` as JSON atomically; returns the bytes written (for digests)."""
-        data = json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
+    def write_json_atomic(self, rel: str, obj: Any, *, sort_keys: bool = True) -> bytes:
+        """Write `obj` as JSON atomically; returns the bytes written (for digests). ``sort_keys=False``
+        keeps the order of mappings (a recipe's stages: their declaration order sets defaults)."""
+        data = json.dumps(obj, indent=2, sort_keys=sort_keys).encode() + b"\n"
         self.write_bytes_atomic(rel, data)
         return data
 
@@ -233,17 +233,10 @@ class Store:
         except FileNotFoundError:
             return None
 
-    @contextlib.contextmanager
     def _local_cas(self, rel: str):
-        """Serialise conditional writes of ``rel`` between processes (a lock file beside it)."""
-        lock = Path(self.path(rel) + ".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        """Serialise conditional writes of ``rel`` between processes (a hidden lock file beside it)."""
+        target = Path(self.path(rel))
+        return file_lock(target.with_name(f".{target.name}.lock"))
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` with ``data`` unless it exists; True if this call created it."""

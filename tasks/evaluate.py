@@ -6,9 +6,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from prolong.config import recipe_from_dict
+from prolong.recipe import recipe_from_dict
 from prolong.pipeline import RunContext, summarize_metrics
-from prolong.snapshots import evaluate_newest, snapshot_prefix
+from prolong.layout import snapshot_prefix
+from prolong.snapshots import evaluate_newest
 from prolong.store import open_store
 from tasks.stages import ProgressArtifact, artifact_key, best_effort
 
@@ -21,13 +22,13 @@ def evaluate_snapshot_task(recipe: dict, run: str, store_url: str) -> dict:
     result = evaluate_newest(ctx, on_log=logger.info, on_progress=progress)
     progress.close(f"{ctx.run}: evaluation of {result.snapshot.tag} finished")
     snap, m = result.snapshot, result.manifest
-    folder = ctx.store.uri(snapshot_prefix(ctx.run, snap))
+    folder = ctx.store.uri(snapshot_prefix(ctx.run, snap.tag))
     what = f"the final weights of {snap.stage}" if snap.final else f"the step-{snap.step} checkpoint of {snap.stage}"
     lines = [f"### {ctx.run}: {snap.tag} — {'already evaluated' if result.skipped else 'evaluated'}", "",
-             f"- model: {what}", f"- results: `{folder}`", f"- {summarize_metrics('eval', m.metrics)}"]
+             f"- model: {what}", f"- results: `{folder}`", f"- {summarize_metrics(ctx.recipe, result.eval_stage, m.metrics)}"]
     report = m.artifacts.get("report")
-    if report and ctx.store.exists(f"{snapshot_prefix(ctx.run, snap)}/{report}"):
-        lines += ["", ctx.store.read_text(f"{snapshot_prefix(ctx.run, snap)}/{report}")]
+    if report and ctx.store.exists(f"{snapshot_prefix(ctx.run, snap.tag)}/{report}"):
+        lines += ["", ctx.store.read_text(f"{snapshot_prefix(ctx.run, snap.tag)}/{report}")]
     best_effort(create_markdown_artifact, "\n".join(lines), key=artifact_key(ctx.run, "eval", snap.tag),
                 description=f"{ctx.run}: evaluation of {snap.tag}")
     return {"snapshot": snap.tag, "final": snap.final, "skipped": result.skipped, "digest": m.digest,

@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from prolong.config import recipe_from_dict
+from prolong.recipe import recipe_from_dict
 from prolong.layout import MANIFEST, stage_prefix
 from prolong.pipeline import RunContext, run_stage, summarize_metrics
 from prolong.progress import progress_line
@@ -55,7 +55,7 @@ def _stage_markdown(ctx: RunContext, result) -> str:
              f"- started {m.started_at}, finished {m.finished_at}"]
     if result.log_uri:
         lines.append(f"- job `{result.job_id}`, log: `{result.log_uri}`")
-    headline = summarize_metrics(result.stage, m.metrics)
+    headline = summarize_metrics(ctx.recipe, result.stage, m.metrics)
     if headline:
         lines.append(f"- {headline}")
     report = m.artifacts.get("report")  # a stage's human-readable summary (data report, eval table)
@@ -102,6 +102,6 @@ def stage_task(stage: str, recipe: dict, run: str, store_url: str, force: bool =
     if result.skipped:
         logger.info("%s is done for these inputs (manifest %s); skipped", stage, result.manifest.digest[:12])
     else:
-        logger.info("%s finished: %s", stage, summarize_metrics(stage, result.manifest.metrics))
+        logger.info("%s finished: %s", stage, summarize_metrics(ctx.recipe, stage, result.manifest.metrics))
     return {"stage": stage, "digest": result.manifest.digest, "skipped": result.skipped,
             "metrics": result.manifest.metrics}

@@ -6,14 +6,14 @@ import argparse
 
 import torch
 
-from prolong.config import load_recipe
-from prolong.model.lm import TrainingLM
+from prolong.recipe import load_recipe
+from prolong.train.lm import TrainingLM
 from prolong.model.load import load_model
 from prolong.parallel.world import init_world, shutdown
 from prolong.parallel.engine import build_engine
 from prolong.parallel.dims import ParallelDims
 from prolong.parallel.ulysses import build_group
-from prolong.train.batch import collate
+from prolong.train.batch import collate, shard_batches
 from prolong.train.trainer import Trainer
 from tests.test_train import sample
 
@@ -32,7 +32,7 @@ def main(args) -> None:
                                                f"stage1.micro_batch_size={args.micro_batch}",
                                                f"stage1.sequence_parallel={args.sp}",
                                                f"parallel.engine={args.engine}", "parallel.zero_stage=3"])
-    cfg = recipe.stage1
+    cfg = recipe.train_stage("stage1")
     sp = build_group(world, ParallelDims(world.world_size, args.sp)) if args.sp > 1 else None
     samples = [sample(i, lengths, sft=True) for i, lengths in enumerate(LENGTHS)]
     data_parallel = world.world_size // args.sp
@@ -42,7 +42,8 @@ def main(args) -> None:
     batches = [collate(mine[i:i + args.micro_batch]) for i in range(0, len(mine), args.micro_batch)]
     engine = build_engine(TrainingLM(lm, loss_chunk_size=16), cfg, recipe.parallel, world, torch.float32,
                           accumulation=len(batches))
-    trainer = Trainer(engine, iter([]), cfg, world, accumulation=len(batches), callbacks=[], sequence_parallel=sp)
+    trainer = Trainer(engine, iter([]), cfg, world, accumulation=len(batches), callbacks=[])
+    batches = list(shard_batches(batches, sp))  # the batch layer's job in training
     if args.mode == "grads":
         engine.optimizer.step = lambda *a, **k: None  # keep the gradients to compare them
         engine.optimizer.zero_grad = lambda *a, **k: None

@@ -2,9 +2,9 @@
 
 import pytest
 
-from prolong.config import apply_overrides, format_tokens, load_recipe, parse_tokens, recipe_from_dict
+from prolong.config import format_tokens, parse_tokens
+from prolong.recipe import apply_overrides, load_recipe, recipe_from_dict
 from prolong.errors import ConfigError
-from prolong.stages import config_digest, present_stages, select_stages
 from tests.conftest import ROOT
 
 TINY = ROOT / "recipes" / "tiny.yaml"
@@ -39,7 +39,8 @@ def test_token_counts_parse_binary_suffixes():
     ("stage1.mixture={shortmix@512: 1.0}", "stage1.mixture.shortmix: a document length (@) applies to long domains only"),
     ("sft.init_from=eval", "sft.init_from: 'eval' is not an earlier stage of this recipe"),
     ("stage1.keep_optimizer_state=true", "stage1.keep_optimizer_state: needs init_from to name an earlier stage"),
-    ("eval.model_from=stage9", "eval.model_from: 'stage9' is not a training stage of this recipe"),
+    ("eval.model_from=stage9", "eval.model_from: 'stage9' is not a stage of this recipe"),
+    ("eval.model_from=data", "eval.model_from: 'data' is not a training stage of this recipe"),
     ("stage1.sequence_parallel=3", "stage1.sequence_parallel: 3 does not divide seq_len 512"),
     ("jobs.env={OPENAI_API_KEY: sk-1}", "jobs.env.OPENAI_API_KEY: looks like a credential"),
 ])
@@ -73,30 +74,36 @@ def test_overrides_parse_yaml_values_and_reject_malformed_items():
         apply_overrides(raw, ["a.b.c=1"])
 
 
+def digests(recipe) -> dict[str, str]:
+    return {s: recipe.stage(s).config_digest() for s in recipe.graph.order}
+
+
 def test_digests_cover_exactly_what_a_stage_depends_on():
-    base = load_recipe(TINY)
-    digests = {s: config_digest(base, s) for s in present_stages(base)}
-    assert digests == {s: config_digest(load_recipe(TINY), s) for s in digests}  # stable
-    changed = load_recipe(TINY, ["sft.lr=0.0005"])
-    assert {s for s in digests if config_digest(changed, s) != digests[s]} == {"sft"}
-    more_steps = load_recipe(TINY, ["stage1.steps=50"])  # more steps need more data
-    assert {s for s in digests if config_digest(more_steps, s) != digests[s]} == {"data", "stage1"}
-    kv = load_recipe(TINY, ["eval.json_kv.lengths=[256]"])
-    assert {s for s in digests if config_digest(kv, s) != digests[s]} == {"eval"}
+    base = digests(load_recipe(TINY))
+    assert base == digests(load_recipe(TINY))  # stable
+    changed = digests(load_recipe(TINY, ["sft.lr=0.0005"]))
+    assert {s for s in base if changed[s] != base[s]} == {"sft"}
+    more_steps = digests(load_recipe(TINY, ["stage1.steps=50"]))  # more steps need more data
+    assert {s for s in base if more_steps[s] != base[s]} == {"data", "stage1"}
+    kv = digests(load_recipe(TINY, ["eval.json_kv.lengths=[256]"]))
+    assert {s for s in base if kv[s] != base[s]} == {"eval"}
 
 
 def test_stage_selection():
     r = load_recipe(TINY)
-    assert present_stages(r) == ["data", "stage1", "stage2", "sft", "eval"]
-    assert select_stages(r, ["stage1", "data"]) == ["data", "stage1"]
-    assert select_stages(r, None, "sft") == ["data", "stage1", "stage2", "sft", "eval"]
+    assert r.graph.order == ["data", "stage1", "eval_stage1", "stage2", "eval_stage2", "sft", "eval"]
+    assert r.graph.select(["stage1", "data"]) == ["data", "stage1"]
+    assert r.graph.select(None, "sft") == r.graph.order
+    # --from-stage stage2: it and everything that reads its outputs, not the evaluation of stage 1
+    assert r.graph.forced_by(r.graph.order, "stage2") == {"stage2", "eval_stage2", "sft", "eval"}
     with pytest.raises(ConfigError, match="unknown stage 'stage3'"):
-        select_stages(r, ["stage3"])
+        r.graph.select(["stage3"])
     with pytest.raises(ConfigError, match="'sft' is not among the selected stages"):
-        select_stages(r, ["data"], "sft")
-    no_eval = recipe_from_dict({**r.model_dump(mode="json"), "eval": None})
-    with pytest.raises(ConfigError, match="this recipe has no eval section"):
-        select_stages(no_eval, ["eval"])
+        r.graph.select(["data"], "sft")
+    raw = r.model_dump(mode="json")
+    del raw["stages"]["eval"]
+    with pytest.raises(ConfigError, match="unknown stage 'eval'"):
+        recipe_from_dict(raw).graph.select(["eval"])
 
 
 def test_init_sources_follow_stage_order():

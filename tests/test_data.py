@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prolong.config import DomainConfig, load_recipe, recipe_from_dict
+from prolong.config import DomainConfig
+from prolong.recipe import load_recipe, recipe_from_dict
 from prolong.data.mds import StreamKey, read_stream, stream_rel
 from prolong.data.pack import TokenizedDoc, long_pieces, pack_concatenated, pack_long
 from prolong.data.prepare import prepare, stream_plan
@@ -63,10 +64,11 @@ def test_64k_and_512k_documents_are_distinct_and_proportions_are_followed(tmp_pa
     raw = load_recipe(ROOT / "recipes" / "tiny.yaml").model_dump(mode="json")
     raw["data"]["domains"] = {"books": {"kind": "long", "source": {"type": "files", "path": str(path)}},
                               "chat": raw["data"]["domains"]["chat"]}
-    raw["stage1"]["mixture"] = {"books": 1.0}
-    raw["stage2"]["mixture"] = {"books@2K": 0.5, "books@512": 0.5}
-    raw["stage2"]["steps"] = 2
-    raw["sft"] = raw["eval"] = None
+    stages = raw["stages"]
+    stages["stage1"]["mixture"] = {"books": 1.0}
+    stages["stage2"]["mixture"] = {"books@2K": 0.5, "books@512": 0.5}
+    stages["stage2"]["steps"] = 2
+    del stages["sft"], stages["eval"]
     recipe = recipe_from_dict(raw)
     store = Store(str(tmp_path / "runs"))
     store.write_json_atomic("r/recipe.json", raw)  # as the orchestrator does
@@ -257,7 +259,6 @@ def test_another_tokenizer_is_one_config_change(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from prolong.stages import config_digest
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
@@ -267,7 +268,7 @@ def test_another_tokenizer_is_one_config_change(tmp_path):
     base = load_recipe(ROOT / "recipes" / "tiny.yaml", ["stage1.steps=2", "stage2.steps=1", "sft.steps=1"])
     other = load_recipe(ROOT / "recipes" / "tiny.yaml", ["stage1.steps=2", "stage2.steps=1", "sft.steps=1",
                                                          f"model.tokenizer={tmp_path / 'tok300'}"])
-    assert config_digest(base, "data") != config_digest(other, "data")
+    assert base.stage("data").config_digest() != other.stage("data").config_digest()
     store = Store(str(tmp_path / "runs"))
     prepare(other, store, "t")
     ids = np.concatenate([np.asarray(s["input_ids"]) for s in
@@ -287,7 +288,7 @@ def test_mixture_proportions_are_followed_within_sampling_error(tmp_path):
         rows = [Sample(input_ids=np.full(8, i, np.uint32), indices=np.array([[0, 8]]), domain=name) for _ in range(50)]
         write_stream(rows, Path(store.path(stream_rel("r", key))), sft=False, compression="zstd")
         keys.append((key, proportions[name]))
-    ds = mixture_dataset(store, "r", keys, cache_dir=tmp_path / "cache", seed=3, batch_size=1, epoch_size=1000)
+    ds = mixture_dataset(store, "r", "data", keys, cache_dir=tmp_path / "cache", seed=3, batch_size=1, epoch_size=1000)
     counts = {name: 0 for name in proportions}
     for s in ds:
         counts[s["domain"]] += 1

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from prolong.manifest import read_manifest
 from prolong.pipeline import RunContext, publish_recipe, run_stage
 from prolong.store import Store

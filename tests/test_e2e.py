@@ -11,11 +11,13 @@ import urllib.request
 import pytest
 
 from prolong.manifest import read_manifest
-from prolong.stages import STAGES
 from prolong.store import Store
+from tasks.stages import artifact_key
 from tests.conftest import BIN, FAST, ROOT, prolong_cli
 
 pytestmark = pytest.mark.slow
+# the tiny recipe's graph: the ProLong stages, and an evaluation of each training stage
+STAGES = ("data", "stage1", "eval_stage1", "stage2", "eval_stage2", "sft", "eval")
 
 
 def sets(overrides):
@@ -54,6 +56,11 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
         assert config["rope_parameters"]["rope_theta"] == theta
     assert read_manifest(store, "e2e", "stage2").upstream["stage1"] == done["stage1"]
     assert read_manifest(store, "e2e", "sft").upstream["stage2"] == done["stage2"]
+    # each training stage is evaluated by its own eval stage; the run's report puts them side by side
+    curves = {s: read_manifest(store, "e2e", s).metrics["position_loss"] for s in ("eval_stage1", "eval_stage2", "eval")}
+    assert all(len(c["buckets"]) == 8 and c["documents"] == 4 for c in curves.values()), curves
+    report = store.read_text("e2e/report.md")
+    assert "stage1 (eval_stage1) | stage2 (eval_stage2) | sft (eval)" in report and "loss, first → last" in report
     results = store.read_json("e2e/eval/results.json")
     assert set(results["categories"]) == {"Recall", "RAG", "Re-rank", "ICL", "Synthetic"}
     assert all(set(c["by_length"]) == {"512", "1024"} for c in results["categories"].values())
@@ -68,7 +75,7 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
                 {"flow_runs": {"id": {"any_": [runs[-1]["id"]]}}})
     assert sorted(t["name"] for t in tasks) == sorted(STAGES)
     keys = {a["key"] for a in api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {})}
-    assert {"e2e-data", "e2e-eval", "e2e-summary"} | {f"e2e-{s}-progress" for s in STAGES} <= keys
+    assert {"e2e-data", "e2e-eval", "e2e-summary"} | {artifact_key("e2e", s, "progress") for s in STAGES} <= keys
     progress = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter",
                    {"artifacts": {"key": {"any_": ["e2e-data-progress", "e2e-eval-progress"]}}})
     assert [a["data"] for a in progress] == [100.0, 100.0] and all(a["type"] == "progress" for a in progress)

@@ -11,13 +11,17 @@ import torch
 
 from prolong.config import EvalConfig, HelmetConfig, HelmetHFConfig, JudgeConfig
 from prolong.errors import DataError
-from prolong.eval import helmet, helmet_hf, helmet_tasks, report, synthetic
-from prolong.eval.helmet_run import run_helmet
-from prolong.eval.judge import Judge, JudgeError, extract_key_points, judge_qa, judge_summary, parse_scores
-from prolong.eval.json_kv import make_example
+from prolong.eval import report
+from prolong.eval.helmet import data as helmet
+from prolong.eval.helmet import hf as helmet_hf
+from prolong.eval.helmet import tasks as helmet_tasks
+from prolong.eval.synthetic import passkey as synthetic
+from prolong.eval.helmet.run import run_helmet
+from prolong.eval.judge.client import Judge, JudgeError, extract_key_points, judge_qa, judge_summary, parse_scores
+from prolong.eval.synthetic.json_kv import make_example
 from prolong.eval.metrics import (exact_match, ndcg_at_k, normalize_answer, parse_output, parse_ranking,
                                   substring_exact_match, token_f1)
-from prolong.eval.perplexity import long_document_loss
+from prolong.eval.likelihood import long_document_loss
 from prolong.eval.prompts import Prompt, fit, n_tokens, newline_token_ids, truncate_text
 from tests import eval_helmet_data as data
 
@@ -187,7 +191,7 @@ def test_icl_follows_helmets_balanced_many_shot_recipe(helmet_dir):
     assert split[2] == 3 and {r["label"] for r in split[0]} == {0, 1, 2}  # class names → ids in sorted order
     assert helmet_tasks.icl_shots("nlu", 256) == round(250 * 256 / 4096) == 16
     assert helmet_tasks.icl_shots("banking77", 32768) == 1450  # HELMET's table where it has the length
-    assert helmet.icl_max_items(HelmetConfig(data_dir=helmet_dir)) == 500  # HELMET's ICL test size
+    assert helmet_tasks.icl_max_items(HelmetConfig(data_dir=helmet_dir)) == 500  # HELMET's ICL test size
     items = list(helmet_tasks.icl_items(split, "nlu", 256, 6, seed=1))
     classes = [int(it.prompt.fields["question"].split()[1]) % 3 for it in items]
     assert sorted(classes) == [0, 0, 1, 1, 2, 2]  # 6 of 8 test rows, class-balanced
@@ -207,7 +211,7 @@ def test_icl_follows_helmets_balanced_many_shot_recipe(helmet_dir):
 
 def test_long_document_prompts_follow_helmet(helmet_dir, tok):
     hc = HelmetConfig(data_dir=helmet_dir, datasets=["narrativeqa", "multi_lexsum"])
-    qa, summ = helmet.build_items(hc, [512], tok)
+    qa, summ = helmet_tasks.build_items(hc, [512], tok)
     text = qa.prompt.render(tok, chat=False)
     assert text.startswith("You are given a story, which can be either a novel or a movie script, and a question. "
                            "Answer the question as concisely as you can, using a single phrase if possible.\n\n"
@@ -238,7 +242,7 @@ def test_icl_qa_and_summ_read_through_hugging_face_datasets(tmp_path, tok):
                       min_context_tokens={"narrativeqa": 300, "multi_lexsum": 300},
                       key_points=str(tmp_path / "points.jsonl"))
     by = {}
-    for it in helmet.build_items(hc, [1024], tok):
+    for it in helmet_tasks.build_items(hc, [1024], tok):
         by.setdefault(it.dataset, []).append(it)
     trec = by["trec_coarse"]  # 12 test rows → 4, class-balanced over HELMET's 6 coarse classes
     assert len(trec) == 4 and all(a.isdigit() and int(a) < 6 for it in trec for a in it.answers)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from prolong import layout
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from prolong.errors import StoreError
 from prolong.jobs import JobState
 from prolong.manifest import read_manifest

@@ -11,9 +11,10 @@ import json
 
 import pytest
 
-from prolong.eval import helmet, report
-from prolong.eval.helmet_run import score_item
-from prolong.eval.json_kv import score as json_kv_score
+from prolong.eval import report
+from prolong.eval.helmet import data as helmet
+from prolong.eval.helmet.run import score_item
+from prolong.eval.synthetic.json_kv import score as json_kv_score
 from prolong.eval.metrics import (exact_match, gold_answers, ndcg_at_k, parse_output, parse_ranking, rerank_cutoffs,
                                   rerank_ndcg, substring_exact_match, token_f1)
 from prolong.eval.prompts import Prompt, fit, n_tokens, prompt_ids, truncate_text

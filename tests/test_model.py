@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from prolong.model import attention
 from prolong.model.attention import DocumentLayout, document_attention
-from prolong.model.lm import TrainingLM
+from prolong.train.lm import TrainingLM
 from prolong.model.load import load_model
 from prolong.model.rope import get_rope_theta, model_rope_theta, set_rope_theta
 from prolong.train.loss import IGNORE, chunked_cross_entropy_sum, next_token_targets

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from prolong.manifest import read_manifest
 from prolong.store import Store
 from tests.conftest import FAST, ROOT, prolong_cli
@@ -98,7 +98,8 @@ def test_a_failed_flow_run_retried_from_prefect_resumes_and_nightly_evaluates_th
     assert len(evals) == 1 and evals[0].startswith("stage2-step"), (evals, first.stdout[-2000:])
     snap = read_manifest(store, run_name, f"evals/{evals[0]}")
     assert snap is not None and "Recall" in snap.metrics["categories"]
-    assert store.exists(f"{run_name}/evals/{evals[0]}/hf/model.safetensors")
+    assert store.exists(f"{run_name}/evals/{evals[0]}/model/hf/model.safetensors")  # the checkpoint, exported
+    assert read_manifest(store, run_name, f"evals/{evals[0]}/model").artifacts["hf_model"] == "hf"
     again = prolong_cli("evaluate", run_name, "--store", store.url, *only_recall, env=prefect_env, check=True)
     assert "was already evaluated" in again.stdout
     assert read_manifest(store, run_name, f"evals/{evals[0]}").digest == snap.digest

@@ -2,7 +2,7 @@
 
 import pytest
 
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from tests.conftest import ROOT
 
 SHORTMIX = {"fineweb_edu": 0.10, "fineweb": 0.10, "stackexchange": 0.04, "wikipedia": 0.04, "tulu_v2": 0.03,
@@ -16,8 +16,8 @@ def r8b():
 
 def test_tiny_recipe_validates():
     r = load_recipe(ROOT / "recipes" / "tiny.yaml")
-    assert r.stage1.rope_theta == 8e6 and r.stage2.rope_theta == 1.28e8
-    assert r.stage2.keep_optimizer_state
+    assert r.stages["stage1"].rope_theta == 8e6 and r.stages["stage2"].rope_theta == 1.28e8
+    assert r.stages["stage2"].keep_optimizer_state
 
 
 def test_model_initialisation(r8b):
@@ -26,7 +26,7 @@ def test_model_initialisation(r8b):
 
 
 def test_stage1_64k(r8b):
-    s = r8b.stage1
+    s = r8b.stages["stage1"]
     assert s.seq_len == 65536 and s.rope_theta == 8e6
     assert s.steps == 5000 and s.batch_tokens == 4 * 1024 ** 2 and s.global_batch_size == 64
     assert s.steps * s.batch_tokens == pytest.approx(20e9, rel=0.05)  # "20B tokens"
@@ -36,7 +36,7 @@ def test_stage1_64k(r8b):
 
 
 def test_stage2_512k(r8b):
-    s = r8b.stage2
+    s = r8b.stages["stage2"]
     assert s.seq_len == 524288 and s.rope_theta == 1.28e8
     assert s.steps == 2500 and s.batch_tokens == 8 * 1024 ** 2 and s.global_batch_size == 16
     assert s.steps * s.batch_tokens == pytest.approx(20e9, rel=0.05)
@@ -51,7 +51,7 @@ def test_stage2_512k(r8b):
 
 
 def test_data_mix_matches_table9(r8b):
-    s = r8b.stage1
+    s = r8b.stages["stage1"]
     long = {k.split("@")[0]: v for k, v in s.mixture.items() if "@" in k}
     assert long == {"code_repos": 0.30, "books": 0.30, "textbooks": 0.03}
     assert sum(SHORTMIX.values()) == pytest.approx(0.37)  # "37% ShortMix"
@@ -63,7 +63,7 @@ def test_data_mix_matches_table9(r8b):
 
 
 def test_sft(r8b):
-    s = r8b.sft
+    s = r8b.stages["sft"]
     assert s.seq_len == 65536 and s.steps == 250 and s.batch_tokens == 4 * 1024 ** 2
     assert s.steps * s.batch_tokens == pytest.approx(1e9, rel=0.05)  # "1B tokens"
     assert (s.lr, s.warmup_ratio, s.min_lr_ratio) == (2e-5, 0.05, 0.1)  # cosine to 2e-6
@@ -78,7 +78,7 @@ def test_optimisation_shared_by_every_stage(r8b):
 
 
 def test_evaluation(r8b):
-    e = r8b.eval
+    e = r8b.stages["eval"]
     assert e.model_from == "sft"
     assert e.lengths == [32768, 65536, 131072] and e.lengths_of(e.json_kv) == e.lengths
     assert e.helmet.datasets == ["nq", "hotpotqa", "popqa", "msmarco", "trec_coarse", "trec_fine", "banking77",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from prolong import layout
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from prolong.errors import ConfigError, DataError, JobError, RunBusyError, StoreError
 from prolong.fingerprint import tokenizer_fingerprint
 from prolong.jobs import JobState
@@ -27,7 +27,6 @@ from prolong.lease import Lease, read_lease
 from prolong.manifest import DamagedManifest, read_manifest
 from prolong.pipeline import RunContext, job_spec, publish_recipe, run_stage, status_table
 from prolong.preflight import check_run
-from prolong.stages import config_digest
 from prolong.store import Store
 from tests.conftest import FAST, ROOT, prolong_cli
 
@@ -333,6 +332,9 @@ def test_a_tokenizer_or_model_config_edited_in_place_changes_the_digests(tmp_pat
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", [f"model.path={model}", f"model.tokenizer={model}"])
+    def config_digest(recipe, stage):
+        return recipe.stage(stage).config_digest()
+
     data, stage1, stage2 = (config_digest(recipe, s) for s in ("data", "stage1", "stage2"))
     before = tokenizer_fingerprint(str(model))
     config = json.loads((model / "tokenizer_config.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from prolong.errors import StageError
 from prolong.jobs import JobState
 from prolong.jobs.supervise import descendants

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from prolong.errors import ConfigError
 from prolong.pipeline import RunContext, publish_recipe, run_stage
 from prolong.parallel.dims import ParallelDims

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from prolong.config import SlurmConfig, load_recipe
+from prolong.config import SlurmConfig
+from prolong.recipe import load_recipe
 from prolong.errors import ConfigError
 from prolong.jobs import JobSpec, JobState, get_backend
 from prolong.jobs.slurm import SlurmJob, _exit_code, render_script
 from prolong.manifest import read_manifest
-from prolong.stages import STAGES
+from tests.test_e2e import STAGES
 from prolong.store import Store
 from tests.conftest import FAST, ROOT, prolong_cli
 from tests.prefect_helpers import api, deploy, wait_for_progress, wait_for_run, worker  # noqa: F401 (fixture)

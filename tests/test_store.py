@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from prolong.errors import StageError, StoreError
-from prolong.manifest import MANIFEST, StageRecorder, read_manifest, stage_state
+from prolong.layout import MANIFEST
+from prolong.manifest import StageRecorder, read_manifest, stage_state
 from prolong.store import Store, open_store
 from tests.conftest import ROOT
 

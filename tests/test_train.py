@@ -5,15 +5,15 @@ import copy
 import pytest
 import torch
 
-from prolong.config import load_recipe
+from prolong.recipe import load_recipe
 from prolong.errors import StageError
-from prolong.model.lm import TrainingLM
+from prolong.train.lm import TrainingLM
 from prolong.model.load import load_model
 from prolong.parallel.world import World
 from prolong.store import Store
 from prolong.train.batch import collate
 from prolong.train.checkpoint import Checkpointer
-from prolong.parallel.engine import Engine
+from prolong.parallel.fsdp_engine import FSDPEngine as Engine
 from prolong.parallel.dims import ParallelDims
 from prolong.train.trainer import Trainer
 from tests.conftest import ROOT
@@ -39,7 +39,7 @@ def lm(tiny_model_dir):
 
 
 def one_step_grads(model, micro_batches, reorder=False):
-    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml", [f"stage1.reorder_minibatches={reorder}"]).stage1
+    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml", [f"stage1.reorder_minibatches={reorder}"]).train_stage("stage1")
     engine = Engine(model, cfg, WORLD)
     trainer = Trainer(engine, iter([]), cfg, WORLD, accumulation=len(micro_batches), callbacks=[])
     engine.optimizer.step = lambda *a, **k: None  # keep the gradients to compare them
@@ -70,7 +70,7 @@ def test_minibatch_reordering_leaves_the_update_unchanged(lm):
 
 
 def test_batch_size_that_does_not_divide_is_a_clear_error():
-    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").stage1  # 8 sequences per step
+    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").train_stage("stage1")  # 8 sequences per step
     assert ParallelDims(world=2).accumulation(cfg.global_batch_size, 1, "stage1.batch_tokens") == 4
     with pytest.raises(Exception, match=r"stage1.batch_tokens: 8 sequences per step do not divide into "
                                         r"micro-batches of 1 on 3 data-parallel ranks"):
@@ -85,7 +85,7 @@ def train_a_little(engine, steps=2):
 
 
 def test_checkpoint_roundtrip_and_optimizer_only_hand_off(lm, tmp_path):
-    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").stage1
+    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").train_stage("stage1")
     store = Store(str(tmp_path / "runs"))
     engine = Engine(lm, cfg, WORLD)
     train_a_little(engine)
@@ -126,7 +126,7 @@ def test_checkpoint_roundtrip_and_optimizer_only_hand_off(lm, tmp_path):
 
 
 def test_a_checkpoint_from_another_model_shape_is_refused_in_one_line(lm, tmp_path, tiny_model_dir):
-    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").stage1
+    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml").train_stage("stage1")
     store = Store(str(tmp_path / "runs"))
     engine = Engine(lm, cfg, WORLD)
     train_a_little(engine, 1)

@@ -16,6 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
+from prolong import layout
 from prolong.config import format_tokens
 
 COLUMNS = {"input_ids": "ndarray:uint32", "indices": "ndarray:int64", "domain": "str"}
@@ -62,8 +63,8 @@ def stage_streams(recipe, stage: str) -> list[tuple[StreamKey, float]]:
     return out
 
 
-def stream_rel(run: str, key: StreamKey) -> str:
-    return f"{run}/data/streams/{key.name}"
+def stream_rel(run: str, key: StreamKey, data_stage: str = "data") -> str:
+    return f"{layout.stage_prefix(run, data_stage)}/{layout.stream(key.name)}"
 
 
 def write_stream(samples: Iterable, out_dir: Path, *, sft: bool, compression: str | None) -> tuple[dict, np.ndarray]:
@@ -113,8 +114,8 @@ def _checked_stream_class():
     return CheckedStream
 
 
-def mixture_dataset(store, run: str, keys_and_proportions: list[tuple[StreamKey, float]], *, cache_dir: Path,
-                    seed: int, batch_size: int, epoch_size: int, replication: int | None = None):
+def mixture_dataset(store, run: str, data_stage: str, keys_and_proportions: list[tuple[StreamKey, float]], *,
+                    cache_dir: Path, seed: int, batch_size: int, epoch_size: int, replication: int | None = None):
     """A StreamingDataset over a stage's streams in the given proportions.
 
     ``epoch_size`` is the stage's total number of sequences, so one epoch is the whole stage and the
@@ -127,7 +128,7 @@ def mixture_dataset(store, run: str, keys_and_proportions: list[tuple[StreamKey,
     stream = _checked_stream_class()
     # The store is always the `remote` (a local store too): streaming decompresses shards into its
     # `local` cache, and the store's files must stay exactly as the data manifest hashed them.
-    streams = [stream(remote=store.uri(stream_rel(run, key)), local=str(cache_dir / key.name), proportion=proportion,
+    streams = [stream(remote=store.uri(stream_rel(run, key, data_stage)), local=str(cache_dir / key.name), proportion=proportion,
                       validate_hash="xxh64") for key, proportion in keys_and_proportions]
     return streaming.StreamingDataset(streams=streams, epoch_size=epoch_size, batch_size=batch_size, shuffle=True,
                                       shuffle_seed=seed, replication=replication, allow_unsafe_types=False)

@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from prolong.config import Recipe
+from prolong import layout
+from prolong.recipe import Recipe
 from prolong.data.mds import StreamKey, stage_streams, write_stream
 from prolong.data.pack import TokenizedDoc, long_pieces, pack_concatenated, pack_long
 from prolong.data.report import histogram_png, length_stats, report_markdown
@@ -29,7 +30,7 @@ from prolong.data.sources import Document, iter_documents
 from prolong.data.tokenize import DocumentTokenizer
 from prolong.errors import DataError
 from prolong.manifest import StageRecorder
-from prolong.progress import PROGRESS, StageProgress
+from prolong.progress import StageProgress
 from prolong.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,11 @@ log = logging.getLogger(__name__)
 BATCH_CHARS = 1 << 23
 
 
-def stream_plan(recipe: Recipe) -> dict[StreamKey, dict]:
-    """Every stream the training stages read → samples needed and which stages read it."""
+def stream_plan(recipe: Recipe, data_stage: str = "data") -> dict[StreamKey, dict]:
+    """Every stream the training stages that read ``data_stage`` need → samples needed and which
+    stages read it."""
     plan: dict[StreamKey, dict] = {}
-    for stage in recipe.present_train_stages():
+    for stage in recipe.stage(data_stage).readers():
         cfg = recipe.train_stage(stage)
         sequences = cfg.steps * cfg.global_batch_size
         for key, proportion in stage_streams(recipe, stage):
@@ -143,17 +145,17 @@ def _concatenated_streams(name, keys, plan, docs, tok, sft: bool, workers: int,
     return out
 
 
-def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None):
-    rec = StageRecorder(store, run, recipe, "data")
+def prepare(recipe: Recipe, store: Store, run: str, stage: str = "data", workdir: Path | None = None):
+    rec = StageRecorder(store, run, recipe, stage)
     rec.invalidate()
-    plan = stream_plan(recipe)
+    plan = stream_plan(recipe, stage)
     tok = DocumentTokenizer(recipe.model.tokenizer_path, recipe.model.revision)
     by_domain: dict[str, list[StreamKey]] = defaultdict(list)
     for key in sorted(plan):
         by_domain[key.domain].append(key)
     streams, domains, lengths_by_domain = {}, {}, {}
     # one unit per domain (reading and tokenizing 80% of it, writing its streams the rest) + the upload
-    progress = StageProgress(store, rec.rel(PROGRESS), "data", total=len(by_domain) + 1, unit="domains")
+    progress = StageProgress(store, layout.progress(rec.prefix), stage, total=len(by_domain) + 1, unit="domains")
     with tempfile.TemporaryDirectory(prefix="prolong-data-", dir=workdir) as tmp:
         # Every stream is written locally first; nothing reaches the store unless all domains succeed.
         for d_i, (name, keys) in enumerate(by_domain.items()):
@@ -189,7 +191,7 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
             domains[name]["lengths"] = length_stats(lengths_by_domain[name], recipe.data.report_thresholds)
         progress.update(len(by_domain), phase="uploading streams and report")
         for name in streams:
-            rec.put_dir(Path(tmp) / name, f"streams/{name}", move=True)
+            rec.put_dir(Path(tmp) / name, layout.stream(name), move=True)
         histogram_png(lengths_by_domain, Path(tmp) / "doc_lengths.png")
         rec.put_file(Path(tmp) / "doc_lengths.png", "report/doc_lengths.png")
         report = report_markdown(run, domains, streams, recipe.data.report_thresholds, "report/doc_lengths.png")
@@ -198,5 +200,5 @@ def prepare(recipe: Recipe, store: Store, run: str, workdir: Path | None = None)
     totals = {"samples": sum(s["samples"] for s in streams.values()), "tokens": sum(s["tokens"] for s in streams.values())}
     progress.finish()
     return rec.finish(metrics={"streams": streams, "domains": domains, **totals},
-                      artifacts={"streams": {k: f"streams/{k}" for k in streams}, "report": "report/report.md",
+                      artifacts={"streams": {k: layout.stream(k) for k in streams}, "report": "report/report.md",
                                  "histogram": "report/doc_lengths.png"})

@@ -1,8 +1,8 @@
-"""The evaluation stage as a job: HELMET's categories, synthetic recall, long-document perplexity
-and lm-eval short tasks on the model of one training stage.
+"""An evaluation stage as a job: HELMET's categories, synthetic recall, long-document perplexity,
+loss by token position and lm-eval short tasks on the model of one stage (``model_from``).
 
 Writes ``items.jsonl`` (every prompt's prediction and score), ``results.json``, ``results.md`` (the
-table shown in the Prefect UI) and PNG charts into ``{run}/eval/``, then the manifest. Greedy
+table shown in the Prefect UI) and PNG charts into the stage's folder, then the manifest. Greedy
 decoding throughout; scores are 0-100.
 """
 
@@ -12,24 +12,26 @@ import json
 import logging
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
-from prolong import assets
-from prolong.config import DomainConfig, FileSource, Recipe, recipe_from_dict
+from prolong.config import DomainConfig, FileSource
+from prolong.recipe import Recipe, recipe_from_dict
 from prolong.errors import ConfigError
-from prolong.eval import report, synthetic
-from prolong.eval.helmet_run import run_helmet
-from prolong.eval.json_kv import make_examples
-from prolong.eval.json_kv import score as json_kv_score
+from prolong.eval import report
+from prolong.eval.synthetic import passkey as synthetic
+from prolong.eval.helmet.run import run_helmet
+from prolong.eval.synthetic.json_kv import make_examples
+from prolong.eval.synthetic.json_kv import score as json_kv_score
 from prolong.eval.metrics import substring_exact_match
-from prolong.eval.perplexity import long_document_loss
+from prolong.eval.likelihood import long_document_loss, loss_by_position
+from prolong.eval.short_tasks import run_lm_eval
 from prolong.eval.prompts import generate
+from prolong import layout
 from prolong.layout import stage_prefix
 from prolong.manifest import StageRecorder, read_manifest
 from prolong.model.load import DTYPES
 from prolong.parallel.world import init_world
-from prolong.progress import PROGRESS, StageProgress
+from prolong.progress import StageProgress
 from prolong.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,18 +52,19 @@ class EvalProgress:
     per dataset and length), one for perplexity and one per lm-eval shot count — known up front,
     unlike the number of items, which HELMET's lazily built datasets only tell as they go."""
 
-    def __init__(self, store, rel: str, cfg):
+    def __init__(self, store, rel: str, cfg, stage: str):
         parts = [(name, L) for name in ("json_kv", "passkey", "needle") if getattr(cfg, name) is not None
                  for L in cfg.lengths_of(getattr(cfg, name))]
         if cfg.helmet is not None:
             parts += [(ds, L) for L in cfg.lengths_of(cfg.helmet) for ds in cfg.helmet.datasets]
-        if cfg.perplexity is not None:
-            parts.append(("perplexity", cfg.perplexity.length))
+        for name in ("perplexity", "position_loss"):
+            if getattr(cfg, name) is not None:
+                parts.append((name, getattr(cfg, name).length))
         if cfg.lm_eval is not None:
             parts += [("lm-eval", shots) for shots in sorted({cfg.lm_eval.shots(t) for t in cfg.lm_eval.tasks})]
         self.started: list[tuple] = []
         self.items = 0
-        self.progress = StageProgress(store, rel, "eval", total=len(parts), unit="parts")
+        self.progress = StageProgress(store, rel, stage, total=len(parts), unit="parts")
         self.progress.update(0, phase="loading the model", force=True)
 
     def item(self, task: str, length: int) -> None:
@@ -80,32 +83,6 @@ class EvalProgress:
 
     def finish(self) -> None:
         self.progress.finish()
-
-
-def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device,
-                progress: EvalProgress | None = None) -> dict:
-    """One lm-eval call per distinct shot count (the Open LLM Leaderboard v1 convention)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    include = assets.resolve(cfg.include_path) if cfg.include_path else None
-    manager = TaskManager(include_path=include) if include else TaskManager()
-    by_shots = defaultdict(list)
-    for task in cfg.tasks:
-        by_shots[cfg.shots(task)].append(task)
-    results = {}
-    for shots, tasks in sorted(by_shots.items()):
-        if progress is not None:
-            progress.part("lm-eval", shots)
-        out = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": model_dir, "dtype": dtype, "max_length": max_length},
-            tasks=tasks, num_fewshot=shots, limit=cfg.limit, batch_size=cfg.batch_size, device=str(device),
-            task_manager=manager, log_samples=False, bootstrap_iters=0)
-        for task, metrics in out["results"].items():
-            # lm-eval names metrics "acc,none", "acc_stderr,none", ...; keep metric values only
-            results[task] = {"num_fewshot": shots, **{k.split(",")[0]: v for k, v in metrics.items()
-                                                       if "," in k and isinstance(v, (int, float))}}
-    return results
 
 
 def _source_texts(source, where: str, seed: int):
@@ -172,7 +149,7 @@ def _check_lengths(cfg, model) -> None:
         raise ConfigError(f"eval.lengths: {longest} tokens is beyond the model's max_position_embeddings {limit}")
 
 
-def run_eval_stage(recipe: Recipe, store: Store, run: str, snapshot: str | None = None) -> None:
+def run_eval_stage(recipe: Recipe, store: Store, run: str, stage: str = "eval", snapshot: str | None = None) -> None:
     """The eval stage on ``eval.model_from``'s weights; with ``snapshot`` (a folder written by
     prolong.snapshots, holding request.json) the same evaluation of another model, into that folder."""
     world = init_world()
@@ -181,35 +158,41 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, snapshot: str | None 
     request = store.read_json(f"{snapshot}/request.json") if snapshot is not None else None
     if request is not None:
         recipe = recipe_from_dict(request["recipe"])
-    cfg = recipe.eval
+        stage = request.get("eval_stage", stage)
+    cfg = recipe.stages[stage]
     if request is None:
-        rec = StageRecorder(store, run, recipe, "eval")
+        rec = StageRecorder(store, run, recipe, stage)
         model_stage = cfg.model_from
         rel = f"{stage_prefix(run, model_stage)}/{read_manifest(store, run, model_stage).artifacts['hf_model']}"
     else:
-        rec = StageRecorder(store, run, recipe, "eval", prefix=snapshot, upstream=request["upstream"])
+        rec = StageRecorder(store, run, recipe, stage, prefix=snapshot, upstream=request["upstream"])
         model_stage, rel = request["model_stage"], request["model"]
-    seq_len = recipe.train_stage(model_stage).seq_len
-    if not any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity, cfg.lm_eval)):
-        raise ConfigError("eval: enable at least one of json_kv, helmet, passkey, needle, perplexity, lm_eval")
+    seq_len = recipe.graph.trained_length(model_stage)
     rec.invalidate()
-    progress = EvalProgress(store, rec.rel(PROGRESS), cfg)
+    progress = EvalProgress(store, layout.progress(rec.prefix), cfg, stage)
     with tempfile.TemporaryDirectory(prefix="prolong-eval-") as tmp_:
         tmp = Path(tmp_)
         model_dir = str(store.local_path(rel)) if store.is_local else str(store.get_dir(rel, tmp / "model"))
         items, extra = [], {}
-        if any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity)):
+        if any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity, cfg.position_loss)):
             model, tok = _load_for_generation(model_dir, recipe.model.dtype, world.device)
             _check_lengths(cfg, model)
             items += run_recall_and_synthetic(cfg, model, tok, world.device, progress)
             if cfg.helmet is not None:  # the SFT stage is the instruction-tuned model
-                items += run_helmet(cfg, model, tok, model_stage == "sft", world.device, on_item=progress.item)
+                items += run_helmet(cfg, model, tok, recipe.graph.instruct(model_stage), world.device,
+                                    on_item=progress.item)
             if cfg.perplexity is not None:
                 pc = cfg.perplexity
                 progress.part("perplexity", pc.length)
                 docs = _source_texts(pc.source, "eval.perplexity.source", recipe.seed)
                 extra["perplexity"] = long_document_loss(model, tok, docs, length=pc.length, last=pc.last,
                                                          max_docs=pc.max_docs, device=world.device)
+            if cfg.position_loss is not None:
+                pl = cfg.position_loss
+                progress.part("position_loss", pl.length)
+                docs = _source_texts(pl.source, f"{stage}.position_loss.source", recipe.seed)
+                extra["position_loss"] = loss_by_position(model, tok, docs, length=pl.length, buckets=pl.buckets,
+                                                          max_docs=pl.max_docs, device=world.device)
             del model
         scored = [i for i in items if not i.get("unscored")]
         results = report.aggregate(scored)
@@ -241,8 +224,7 @@ def _headline(results: dict) -> dict:
            "failed_items": results["failed_items"]}
     if "by_depth" in results and "json_kv" in results["by_depth"]:
         out["json_kv_by_depth"] = results["by_depth"]["json_kv"]
-    for key in ("perplexity", "lm_eval"):
+    for key in ("perplexity", "position_loss", "lm_eval"):
         if key in results:
-            out[key] = {k: v for k, v in results[key].items() if k != "per_document"} if key == "perplexity" \
-                else results[key]
+            out[key] = {k: v for k, v in results[key].items() if k != "per_document"}
     return out

@@ -11,16 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-CATEGORIES = {
-    "Recall": ("json_kv",),
-    "RAG": ("nq", "triviaqa", "hotpotqa", "popqa"),
-    "Re-rank": ("msmarco",),
-    "ICL": ("trec_coarse", "trec_fine", "banking77", "clinc150", "nlu"),
-    "QA": ("narrativeqa",),
-    "Summ": ("multi_lexsum",),
-    "Synthetic": ("passkey", "needle"),
-}
-CATEGORY_OF = {d: c for c, ds in CATEGORIES.items() for d in ds}
+from prolong.eval.helmet.datasets import CATEGORIES
 
 
 def _mean(values):
@@ -89,6 +80,14 @@ def markdown(run: str, model_from: str, results: dict) -> str:
         lines += ["## Long-document perplexity", "",
                   f"Loss on the last {p['last']} tokens of {p['documents']} documents of {p['length']} tokens: "
                   f"**{p['loss']:.3f}** (perplexity {p['perplexity']:.1f}).", ""]
+    if "position_loss" in results:
+        p = results["position_loss"]
+        lines += ["## Loss by token position", "",
+                  f"Mean token loss over {p['documents']} documents of {p['length']} tokens, by position "
+                  "(a model that uses its context gets lower loss further in):", "",
+                  "| positions | " + " | ".join(f"{b['start']}-{b['end']}" for b in p["buckets"]) + " |",
+                  "|---|" + "---|" * len(p["buckets"]),
+                  "| loss | " + " | ".join(f"{b['loss']:.3f}" for b in p["buckets"]) + " |", ""]
     if results.get("lm_eval"):
         lines += ["## Short-context tasks (lm-eval)", "", "| task | shots | metric | value |", "|---|---|---|---|"]
         for task, m in sorted(results["lm_eval"].items()):
@@ -99,8 +98,41 @@ def markdown(run: str, model_from: str, results: dict) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(run: str, evaluations: dict[str, tuple[str, dict]]) -> str:
+    """Several evaluations of one run in one table (``{eval stage: (model stage, its metrics)}``,
+    in run order): categories, perplexity, loss by position and lm-eval, a column per model."""
+    if not evaluations:
+        return ""
+    names = list(evaluations)
+    head = "| | " + " | ".join(f"{evaluations[n][0]} ({n})" for n in names) + " |"
+    lines = [f"## Evaluations of `{run}` side by side", "", head, "|---|" + "---|" * len(names)]
+    cats = [c for c in CATEGORIES if any(c in evaluations[n][1].get("categories", {}) for n in names)]
+    for cat in cats:
+        lines.append(f"| {cat} | " + " | ".join(_fmt(evaluations[n][1].get("categories", {}).get(cat, {}).get("mean"))
+                                              for n in names) + " |")
+    if any("perplexity" in evaluations[n][1] for n in names):
+        lines.append("| long-document perplexity | " + " | ".join(
+            _fmt(evaluations[n][1].get("perplexity", {}).get("perplexity")) for n in names) + " |")
+    if any("position_loss" in evaluations[n][1] for n in names):
+        def curve(m: dict) -> str:
+            pl = m.get("position_loss")
+            return "—" if pl is None else f"{pl['first']:.2f} → {pl['last']:.2f}"
+
+        lines.append("| loss, first → last positions | " + " | ".join(curve(evaluations[n][1]) for n in names) + " |")
+    tasks = list(dict.fromkeys(t for n in names for t in evaluations[n][1].get("lm_eval", {})))
+    for task in tasks:
+        def acc(m: dict) -> str:
+            values = m.get("lm_eval", {}).get(task, {})
+            v = next((v for k, v in values.items() if k.startswith("acc") and "stderr" not in k), None)
+            return "—" if v is None else f"{v:.3f}"
+
+        lines.append(f"| {task} acc | " + " | ".join(acc(evaluations[n][1]) for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def charts(results: dict, out: Path) -> list[str]:
-    """categories.png (score by length, one line per category) and depth.png (recall heat maps)."""
+    """categories.png (score by length, one line per category), depth.png (recall heat maps) and
+    position_loss.png (loss by token position)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,4 +173,16 @@ def charts(results: dict, out: Path) -> list[str]:
         fig.savefig(out / "depth.png", dpi=120)
         plt.close(fig)
         written.append("depth.png")
+    if "position_loss" in results:
+        buckets = results["position_loss"]["buckets"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([(b["start"] + b["end"]) / 2 for b in buckets], [b["loss"] for b in buckets], marker="o")
+        ax.set_xlabel("token position")
+        ax.set_ylabel("mean token loss")
+        ax.set_title("Loss by token position")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "position_loss.png", dpi=120)
+        plt.close(fig)
+        written.append("position_loss.png")
     return written

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prolong.errors import ConfigError
 
 
 # a rank that saved a checkpoint on a scheduler's signal exits with this (EX_TEMPFAIL): run it again
@@ -111,15 +110,3 @@ class JobBackend(ABC):
         """A handle on a job submitted earlier, possibly by another process, or None when this
         backend's jobs cannot outlive their submitter (local: they die with it)."""
         return None
-
-
-def get_backend(name: str) -> JobBackend:
-    if name == "local":
-        from prolong.jobs.local import LocalBackend
-
-        return LocalBackend()
-    if name == "slurm":
-        from prolong.jobs.slurm import SlurmBackend
-
-        return SlurmBackend()
-    raise ConfigError(f"jobs.backend: unknown backend {name!r} (available: local, slurm)")

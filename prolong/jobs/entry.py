@@ -1,8 +1,9 @@
-"""Entry point of every job: ``python -m prolong.jobs.entry STAGE STORE_URL RUN_NAME [EXTRA ...]``.
+"""Entry point of every job: ``python -m prolong.jobs.entry JOB STORE_URL RUN_NAME [EXTRA ...]``.
 
-STAGE is a stage name, or ``export`` (``EXTRA`` = ``STAGE STEP OUT_PREFIX``: a training checkpoint
-to HF weights, prolong.train.export); ``eval`` takes an optional ``SNAPSHOT_PREFIX`` (evaluate the
-model a prolong.snapshots request names, into that folder).
+JOB is a stage of the run's recipe — its kind's ``entry`` runs as ``entry(recipe, store, run,
+stage, *EXTRA)`` (an eval stage takes an optional ``SNAPSHOT_PREFIX``: evaluate the model a
+prolong.snapshots request names, into that folder) — or a job of the registry's ``JOBS``
+(``export-checkpoint STAGE STEP OUT_PREFIX``: a training checkpoint to HF weights).
 
 (Positional arguments: torchrun parses the options of the command it launches for abbreviations
 of its own, and ``--run`` would be taken for its ``--run-path``.)
@@ -43,42 +44,29 @@ def main(argv: list[str] | None = None) -> int:
     from prolong.errors import ProlongError
 
     parser = argparse.ArgumentParser(prog="python -m prolong.jobs.entry")
-    parser.add_argument("stage", choices=["data", "stage1", "stage2", "sft", "eval", "export"])
+    parser.add_argument("job", help="a stage of the run's recipe, or one of prolong.stages.registry.JOBS")
     parser.add_argument("store")
     parser.add_argument("run")
-    # eval: [SNAPSHOT_PREFIX] evaluates a snapshot (prolong.snapshots); export: STAGE STEP OUT_PREFIX
     parser.add_argument("extra", nargs="*")
     args = parser.parse_args(argv)
+    args.stage = args.job  # named in error lines
     if "LOCAL_RANK" in os.environ:  # a rank of torchrun: never outlive it
         from prolong.jobs.supervise import die_with_parent
 
         die_with_parent()
     _setup_logging()
     try:
-        from prolong.config import recipe_from_dict
-        from prolong.pipeline import read_run_recipe
+        from prolong.recipe import read_run_recipe, recipe_from_dict
+        from prolong.stages.registry import JOBS, load
         from prolong.store import open_store
 
         store = open_store(args.store)
         recipe = recipe_from_dict(read_run_recipe(store, args.run))
-        if args.stage == "data":
-            from prolong.data.prepare import prepare
-
-            if int(os.environ.get("RANK", "0")) == 0:
-                prepare(recipe, store, args.run)
-        elif args.stage == "eval":
-            from prolong.eval.main import run_eval_stage
-
-            run_eval_stage(recipe, store, args.run, snapshot=args.extra[0] if args.extra else None)
-        elif args.stage == "export":
-            from prolong.train.export import export_checkpoint
-
-            stage, step, out = args.extra
-            export_checkpoint(recipe, store, args.run, stage, int(step), out)
+        if args.job in JOBS:
+            load(JOBS[args.job])(recipe, store, args.run, *args.extra)
         else:
-            from prolong.train.main import run_train_stage
-
-            run_train_stage(recipe, store, args.run, args.stage)
+            stage = recipe.stage(args.job)  # a one-line error for a stage the recipe does not have
+            load(stage.entry)(recipe, store, args.run, args.job, *args.extra)
     except ProlongError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

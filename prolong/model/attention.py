@@ -156,13 +156,12 @@ def document_attention(module, query, key, value, attention_mask=None, scaling=N
                        cu_seq_lens_q=None, max_length_q=None, sequence_parallel=None, **kwargs):
     """transformers attention function: [batch, heads, len, dim] in → [batch, len, heads, dim] out.
 
-    With ``sequence_parallel`` the inputs hold this rank's chunk of the sequence; Ulysses all-to-alls
-    turn them into the whole sequence for a subset of heads and back (prolong.parallel.ulysses).
+    With ``sequence_parallel`` the inputs hold this rank's chunk of the sequence; the object's
+    ``scatter_heads``/``heads_to_seq`` (Ulysses all-to-alls, prolong.parallel.ulysses) turn them into
+    the whole sequence for a subset of heads and back. The model layer knows only that interface.
     """
     if sequence_parallel is not None:
-        from prolong.parallel import ulysses
-
-        query, key, value = ulysses.scatter_heads(query, key, value, sequence_parallel)
+        query, key, value = sequence_parallel.scatter_heads(query, key, value)
     batch, heads, length, dim = query.shape
     if cu_seq_lens_q is None:
         # no layout (e.g. generation): plain causal attention over each sample
@@ -184,7 +183,7 @@ def document_attention(module, query, key, value, attention_mask=None, scaling=N
         o = _sdpa_documents(q, k, v, cu_seq_lens_q.tolist(), scaling, groups)
     o = o.reshape(heads, batch, length, dim).transpose(0, 1)  # [batch, heads, len, dim]
     if sequence_parallel is not None:
-        o = ulysses.heads_to_seq(o, sequence_parallel)  # back to this rank's chunk, all heads
+        o = sequence_parallel.heads_to_seq(o)  # back to this rank's chunk, all heads
     return o.transpose(1, 2).contiguous(), None
 
 

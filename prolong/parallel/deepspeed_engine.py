@@ -15,16 +15,17 @@ from pathlib import Path
 
 import torch
 
-from prolong.config import ParallelConfig, TrainStageConfig
+from prolong.config.jobs import ParallelConfig
+from prolong.config.train import TrainStageConfig
+from prolong.parallel.optim import build_optimizer, restart_schedule
 from prolong.parallel.world import World
-from prolong.parallel.engine import Engine, build_optimizer
 from prolong.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 TAG = "deepspeed"
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, cfg: TrainStageConfig, parallel: ParallelConfig, world: World,
@@ -70,6 +71,9 @@ class DeepSpeedEngine(Engine):
     def step(self) -> float:
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def restart_schedule(self) -> None:
+        restart_schedule(self.optimizer, self.scheduler, self.cfg)
 
     def save_state(self, folder: Path) -> None:
         self.ds.save_checkpoint(str(folder), tag=TAG, save_latest=False)

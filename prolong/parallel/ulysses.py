@@ -31,9 +31,18 @@ from prolong.parallel.dims import ParallelDims, kv_expansion
 
 @dataclass(frozen=True, eq=False)
 class SequenceParallel:
+    """A sequence-parallel group, as document attention sees it (prolong.model.attention calls
+    :meth:`scatter_heads` and :meth:`heads_to_seq` around its kernel)."""
+
     group: dist.ProcessGroup
     size: int
     rank: int  # within the group
+
+    def scatter_heads(self, q, k, v):
+        return scatter_heads(q, k, v, self)
+
+    def heads_to_seq(self, o):
+        return heads_to_seq(o, self)
 
 
 def build_group(world, dims: ParallelDims) -> SequenceParallel:

@@ -72,6 +72,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def all_reduce_sums(values: list[float | int], world: World) -> list[float]:
+    """Several sums across ranks in one collective."""
+    if not world.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_reduce_sum(value: float | int, world: World, device: torch.device | None = None) -> float:
     if not world.distributed:
         return value

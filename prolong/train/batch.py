@@ -21,6 +21,12 @@ class MicroBatch:
     # set by shard() when this rank holds a chunk of a sequence-parallel sample
     sequence_parallel: object | None = None
     chunk: tuple[int, int] | None = None
+    shared: bool = False  # shard() split the sample between a sequence-parallel group
+    sample_cost: int | None = None  # Σ len² of the whole samples: the reordering key every rank agrees on
+
+    def __post_init__(self):
+        if self.sample_cost is None:
+            self.sample_cost = sum(n * n for sample in self.doc_lengths for n in sample)
 
     @property
     def attention_cost(self) -> int:
@@ -43,7 +49,7 @@ class MicroBatch:
 
     def to(self, device) -> "MicroBatch":
         return MicroBatch(self.input_ids.to(device), self.targets.to(device), self.doc_lengths, self.n_targets,
-                          self.sequence_parallel, self.chunk)
+                          self.sequence_parallel, self.chunk, self.shared, self.sample_cost)
 
     def shard(self, sp) -> "MicroBatch":
         """This rank's part of a sample shared by a sequence-parallel group (prolong.parallel.ulysses).
@@ -60,11 +66,18 @@ class MicroBatch:
             start, end = sp.rank * seq_len // sp.size, (sp.rank + 1) * seq_len // sp.size
             targets = self.targets[:, start:end]
             return MicroBatch(self.input_ids[:, start:end], targets, self.doc_lengths,
-                              int((targets >= 0).sum()), sp, (start, end))
+                              int((targets >= 0).sum()), sp, (start, end), True, self.sample_cost)
         first, end_doc = document_groups(lengths, sp.size)[sp.rank]
         start, end = sum(lengths[:first]), sum(lengths[:end_doc])
         targets = self.targets[:, start:end]
-        return MicroBatch(self.input_ids[:, start:end], targets, [lengths[first:end_doc]], int((targets >= 0).sum()))
+        return MicroBatch(self.input_ids[:, start:end], targets, [lengths[first:end_doc]], int((targets >= 0).sum()),
+                          shared=True, sample_cost=self.sample_cost)
+
+
+def shard_batches(batches, sp):
+    """This rank's part of each micro-batch of a sequence-parallel group (all of it without SP)."""
+    for mb in batches:
+        yield mb if sp is None else mb.shard(sp)
 
 
 def doc_lengths_of(sample: dict, seq_len: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""Trainer features as callbacks (OLMo-core's pattern): logging, metrics, progress, checkpoints.
+"""Trainer features as callbacks (OLMo-core's pattern): throughput/MFU, logging, metrics, progress,
+checkpoints.
 
 Only the main rank writes. ``progress.json`` in the stage folder is what the orchestrator polls
 to show live progress (the job itself knows nothing about Prefect).
@@ -11,6 +12,7 @@ import logging
 from pathlib import Path
 
 from prolong.progress import StageProgress
+from prolong.train.flops import FlopCounter
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,23 @@ class Callback:
 
     def on_train_end(self, trainer) -> None:
         pass
+
+
+class Throughput(Callback):
+    """Each step's FLOP/s per device and MFU under both conventions (prolong.train.flops), from the
+    counts the step reports (tokens, Σ len², time). First in the list: the callbacks that log or
+    write metrics then see these fields too."""
+
+    def __init__(self, flops: FlopCounter, peak: float | None, seq_len: int, world_size: int):
+        self.flops, self.peak, self.seq_len, self.world_size = flops, peak, seq_len, world_size
+
+    def on_step_end(self, trainer, metrics):
+        per_device = metrics["step_time_s"] * self.world_size
+        nominal = self.flops.nominal(metrics["tokens"], self.seq_len) / per_device
+        document = self.flops.document_aware(metrics["tokens"], metrics["attention_cost"]) / per_device
+        metrics.update(tflops_nominal=nominal / 1e12, tflops_document=document / 1e12,
+                       mfu_nominal=nominal / self.peak if self.peak else None,
+                       mfu_document=document / self.peak if self.peak else None)
 
 
 class ConsoleLogger(Callback):

@@ -104,7 +104,3 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target
         logits = (hidden[start:start + chunk_size] @ weight.t()).float()
         total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
     return total
-
-
-def count_targets(targets: torch.Tensor) -> int:
-    return int((targets != IGNORE).sum())

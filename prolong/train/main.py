@@ -17,86 +17,47 @@ from pathlib import Path
 import torch
 
 from prolong import layout
-from prolong.config import Recipe, TrainStageConfig
-from prolong.data.mds import data_errors, mixture_dataset, stage_streams, stream_rel
+from prolong.config import TrainStageConfig
+from prolong.data.mds import data_errors, mixture_dataset, stage_streams
 from prolong.data.tokenize import load_tokenizer
-from prolong.errors import DataError, ProlongError, StageError
+from prolong.errors import DataError, StageError
 from prolong.integrity import outputs_under, verify_outputs
 from prolong.layout import stage_prefix
 from prolong.manifest import StageRecorder, read_manifest
 from prolong.model import attention
-from prolong.model.lm import TrainingLM
-from prolong.model.load import DTYPES, load_model
-from prolong.parallel.world import World, init_world, node_scratch, on_main, raise_together, remove_scratch
-from prolong.parallel.dims import ParallelDims
-from prolong.parallel.engine import Engine, build_engine
-from prolong.parallel.ulysses import build_group, check_model_heads
-from prolong.progress import PROGRESS
+from prolong.model.load import DTYPES
+from prolong.parallel.engine import Engine
+from prolong.parallel.world import World, init_world, node_scratch, on_main, remove_scratch
+
+from prolong.recipe import Recipe
 from prolong.store import Store
-from prolong.train.batch import collate
-from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile, StageReport
+from prolong.train.batch import collate, shard_batches
+from prolong.train.build import build_stage, export_hf, verify_upstream
+from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile, StageReport, Throughput
+from prolong.train.checkpoint import Checkpointer
 from prolong.train.flops import FlopCounter, peak_flops
-from prolong.train.checkpoint import Checkpointer, step_dir
 from prolong.train.preemption import StopOnSignal
 from prolong.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger(__name__)
 
-
-def verify_upstream(store: Store, run: str, stage: str, upstream: str, sub: str, local_dir: Path | None = None) -> None:
-    """Check the files of ``upstream``'s output folder ``sub`` against its manifest before using them:
-    sizes and contents (of the store's files locally, of the downloaded copy ``local_dir`` for remote
-    stores). A damaged file is one line naming it and the stage to re-run."""
-    m = read_manifest(store, run, upstream)
-    entries = outputs_under(m.outputs, sub)
-    if not entries:
-        raise StageError(f"{stage}: {upstream}'s manifest lists no {sub}/ to start from")
-    verify_outputs(store, stage_prefix(run, upstream), entries, content=store.is_local or local_dir is not None,
-                   local_dir=local_dir, fix=f"re-run it with --from-stage {upstream}")
-
-
-def upstream_model_dir(store: Store, run: str, init: str, world: World, scratch: Path) -> str:
-    rel = f"{stage_prefix(run, init)}/hf"
-    local = store.local_path(rel) if store.is_local else scratch / "init"
-    failure = None
-    if world.local_rank == 0:  # one check per node, of the copy that node reads
-        try:
-            if not store.is_local:
-                store.get_dir(rel, local)
-            verify_upstream(store, run, "hand-off", init, "hf", local_dir=None if store.is_local else local)
-        except ProlongError as e:
-            failure = e
-    raise_together(world, failure)
-    return str(local)
-
-
 def verify_streams(store: Store, run: str, recipe: Recipe, stage: str, world: World) -> None:
     """Every shard this stage reads, against the data manifest, before the first step: sizes always,
     contents where the store is local (a remote store's shards are checked as they are fetched)."""
+    data = recipe.train_stage(stage).data_from
+
     def check():
-        m = read_manifest(store, run, "data")
+        m = read_manifest(store, run, data)
         for key, _ in stage_streams(recipe, stage):
-            sub = stream_rel(run, key).removeprefix(f"{stage_prefix(run, 'data')}/")
+            sub = layout.stream(key.name)
             entries = outputs_under(m.outputs, sub)
             if not entries:
-                raise DataError(f"{stage}: the data manifest lists no stream {key.name}; re-run the data stage "
-                                "with --from-stage data")
-            verify_outputs(store, stage_prefix(run, "data"), entries, content=store.is_local, error=DataError,
-                           fix="re-run the data stage with --from-stage data")
+                raise DataError(f"{stage}: the {data} manifest lists no stream {key.name}; re-run the data stage "
+                                f"with --from-stage {data}")
+            verify_outputs(store, stage_prefix(run, data), entries, content=store.is_local, error=DataError,
+                           fix=f"re-run the data stage with --from-stage {data}")
 
     on_main(world, check)
-
-
-def export_hf(engine: Engine, lm, tokenizer, out: Path, world: World, dtype: torch.dtype) -> None:
-    """Full (unsharded) weights in the model's dtype as HF safetensors + config (with this stage's θ)
-    + tokenizer. The fp32 master weights stay in the checkpoint, which the next stage starts from."""
-    state = engine.full_state_dict()
-    if world.is_main:
-        state = {k: v.to(dtype) for k, v in state.items()}
-        lm.config.dtype = dtype
-        lm.save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-
 
 def _restore(ckpt: Checkpointer, rec: StageRecorder, engine: Engine, recipe: Recipe, run: str, stage: str):
     """Resume this stage from its newest checkpoint made for the same inputs, or — on a fresh
@@ -137,11 +98,10 @@ def _restore(ckpt: Checkpointer, rec: StageRecorder, engine: Engine, recipe: Rec
             engine.restart_schedule()
     return None, TrainerState(), None, None
 
-
 def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageConfig, resumed_from: int | None,
             hf_dir: Path, accumulation: int, world: World) -> None:
     rec.put_dir(hf_dir, "hf")
-    final = f"checkpoints/{step_dir(trainer.state.step)}"
+    final = layout.checkpoint_in_stage(trainer.state.step)
     rec.record_existing(final)
     rec.record_existing("metrics.jsonl")
     rec.record_existing("report")
@@ -166,30 +126,17 @@ def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageC
         artifacts={"hf_model": "hf", "checkpoint": final, "metrics": "metrics.jsonl", "report": "report/report.md",
                    "loss_curve": "report/loss_curve.png"})
 
-
 def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     world = init_world()
     cfg = recipe.train_stage(stage)
-    dims = ParallelDims.for_stage(recipe, stage, world.world_size)
-    sp = build_group(world, dims) if dims.sp > 1 else None
     seed = recipe.stage_seed(stage)
     torch.manual_seed(seed)
     rec = StageRecorder(store, run, recipe, stage)
-    accumulation = dims.accumulation(cfg.global_batch_size, cfg.micro_batch_size, f"{stage}.batch_tokens")
-    init = recipe.init_source(stage)
     scratch = node_scratch(world, f"{run}-{stage}")  # shared by this node's ranks
     with tempfile.TemporaryDirectory(prefix=f"prolong-{stage}-") as tmp_:
         tmp = Path(tmp_)  # this rank's own
-        model_ref = recipe.model.path if init == "model" else upstream_model_dir(store, run, init, world, scratch)
-        # fp32 parameters: the master weights AdamW updates; parallelize() sets the bf16 compute
-        lm = load_model(model_ref, rope_theta=cfg.rope_theta, seq_len=cfg.seq_len, dtype="float32",
-                        revision=recipe.model.revision if init == "model" else None, device=world.device,
-                        field=stage)
-        attention.select_backend(recipe.model.attention, world.device)
-        if sp is not None:
-            check_model_heads(lm.config, dims)
-        engine = build_engine(TrainingLM(lm, cfg.loss_chunk_size), cfg, recipe.parallel, world,
-                              DTYPES[recipe.model.dtype], accumulation=accumulation)
+        built = build_stage(recipe, store, run, stage, world, scratch)
+        lm, engine, sp, accumulation = built.lm, built.engine, built.sequence_parallel, built.accumulation
         ckpt = Checkpointer(store, rec.prefix, world, staging=scratch / "checkpoints")
         resumed_from, state, loader_state, scheduler_state = _restore(ckpt, rec, engine, recipe, run, stage)
         if scheduler_state:
@@ -198,7 +145,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
         if world.is_main:
             rec.invalidate()  # only now, with every input checked: a failed start changes nothing
 
-        dataset = mixture_dataset(store, run, stage_streams(recipe, stage), cache_dir=scratch / "streams", seed=seed,
+        dataset = mixture_dataset(store, run, cfg.data_from, stage_streams(recipe, stage), cache_dir=scratch / "streams",
+                                  seed=seed,
                                   batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size,
                                   replication=cfg.sequence_parallel if sp is not None else None)
         if loader_state:
@@ -213,14 +161,15 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                       {**trainer.state_dict(), "loader": loader_pos, "input_key": rec.input_key, "engine": engine.name,
                        "rope_theta": cfg.rope_theta, "seq_len": cfg.seq_len})
 
-        callbacks = [ConsoleLogger(), MetricsFile(store, rec.rel("metrics.jsonl"), tmp / "metrics.jsonl"),
-                     ProgressFile(store, rec.rel(PROGRESS), stage), Checkpointing(cfg.checkpoint_every),
+        meter = Throughput(FlopCounter.for_model(lm), peak_flops(world.device, recipe.jobs.peak_tflops), cfg.seq_len,
+                           world.world_size)
+        callbacks = [meter, ConsoleLogger(), MetricsFile(store, rec.rel("metrics.jsonl"), tmp / "metrics.jsonl"),
+                     ProgressFile(store, layout.progress(rec.prefix), stage), Checkpointing(cfg.checkpoint_every),
                      StageReport(store, rec.prefix, stage, tmp / "metrics.jsonl", tmp),
                      StopOnSignal(stage)]  # last: it sees this step's metrics and checkpoint already recorded
-        batches = data_errors(loader, fix="re-run the data stage with --from-stage data")
-        trainer = Trainer(engine, batches, cfg, world, accumulation=accumulation,
-                          callbacks=callbacks, state=state, save_checkpoint=save, flops=FlopCounter.for_model(lm),
-                          peak_flops=peak_flops(world.device, recipe.jobs.peak_tflops), sequence_parallel=sp)
+        batches = shard_batches(data_errors(loader, fix=f"re-run the data stage with --from-stage {cfg.data_from}"), sp)
+        trainer = Trainer(engine, batches, cfg, world, accumulation=accumulation, callbacks=callbacks, state=state,
+                          save_checkpoint=save)
         trainer.fit()
         export_hf(engine, lm, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world,
                   DTYPES[recipe.model.dtype])

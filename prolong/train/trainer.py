@@ -21,11 +21,10 @@ import torch
 
 from prolong.config import TrainStageConfig
 from prolong.errors import StageError
-from prolong.parallel.world import World, all_reduce_sum
+from prolong.parallel.world import World, all_reduce_sum, all_reduce_sums
 from prolong.parallel.engine import Engine
 from prolong.train.batch import MicroBatch
 from prolong.train.callbacks import Callback
-from prolong.train.flops import FlopCounter
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +37,14 @@ class TrainerState:
 
 
 class Trainer:
+    """``batches`` yields this rank's micro-batches (already sharded for sequence parallelism by the
+    batch layer, prolong.train.batch.shard_batches); throughput and MFU are a callback
+    (prolong.train.callbacks.Throughput), from the counts each step reports."""
+
     def __init__(self, engine: Engine, batches: Iterator[MicroBatch], cfg: TrainStageConfig, world: World,
                  *, accumulation: int, callbacks: list[Callback], state: TrainerState | None = None,
-                 save_checkpoint: Callable[["Trainer"], None] | None = None, flops: FlopCounter | None = None,
-                 peak_flops: float | None = None, sequence_parallel=None):
+                 save_checkpoint: Callable[["Trainer"], None] | None = None):
         self.engine = engine
-        self.sp = sequence_parallel
         self.batches, self.cfg, self.world = batches, cfg, world
         self.accumulation = accumulation
         self.callbacks = callbacks
@@ -52,8 +53,6 @@ class Trainer:
         self.total_steps = cfg.steps
         self.last_checkpoint_step = self.state.step if self.state.step else None
         self._save = save_checkpoint
-        self.flops, self.peak_flops = flops, peak_flops
-        self.history: list[dict] = []
 
     def save_checkpoint(self) -> None:
         if self._save is not None:
@@ -64,16 +63,14 @@ class Trainer:
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict:
         t0 = time.perf_counter()
-        if self.cfg.reorder_minibatches:  # keyed on whole samples, so a sequence-parallel group agrees
-            micro_batches = sorted(micro_batches, key=lambda mb: mb.attention_cost, reverse=True)
-        sp_share = None
-        if self.sp is not None:
-            micro_batches = [mb.shard(self.sp) for mb in micro_batches]
-            # every rank of a group agrees, so the world-wide mean is the share of samples split
-            sp_share = all_reduce_sum(sum(mb.chunk is not None for mb in micro_batches), self.world) / \
-                all_reduce_sum(len(micro_batches), self.world)
-        local_targets = sum(mb.n_targets for mb in micro_batches)
-        global_targets = all_reduce_sum(local_targets, self.world)
+        if self.cfg.reorder_minibatches:  # on whole samples' costs, so a sequence-parallel group agrees
+            micro_batches = sorted(micro_batches, key=lambda mb: mb.sample_cost, reverse=True)
+        # one all-reduce for the step's global counts: target tokens (the loss's divisor), tokens,
+        # attention cost (Σ len², for FLOP accounting), sequence-parallel samples and micro-batches
+        counts = all_reduce_sums([sum(mb.n_targets for mb in micro_batches), sum(mb.n_tokens for mb in micro_batches),
+                                  sum(mb.attention_cost for mb in micro_batches),
+                                  sum(mb.chunk is not None for mb in micro_batches), len(micro_batches)], self.world)
+        global_targets, tokens, attention_cost, sp_samples, n_micro = counts
         if global_targets == 0:
             raise RuntimeError(f"step {self.state.step + 1}: no token of the batch has a target (all masked)")
         # FSDP averages gradients over ranks; scale so the result is Σ losses / global token count
@@ -92,25 +89,16 @@ class Trainer:
         if not math.isfinite(loss_total) or not math.isfinite(float(grad_norm)):
             raise StageError(f"step {self.state.step + 1}: loss or gradient is not finite "
                              f"(loss {loss_total / global_targets}, grad norm {float(grad_norm)})")
-        tokens = all_reduce_sum(sum(mb.n_tokens for mb in micro_batches), self.world)  # shards partition tokens
-        samples = self.cfg.global_batch_size
-        sum_len_sq = all_reduce_sum(sum(mb.attention_cost for mb in micro_batches), self.world)
         self.state.step += 1
-        self.state.samples_seen += int(samples)
+        self.state.samples_seen += self.cfg.global_batch_size
         self.state.tokens_seen += int(tokens)
         elapsed = time.perf_counter() - t0
         metrics = {"step": self.state.step, "loss": loss_total / global_targets, "lr": lr, "grad_norm": float(grad_norm),
                    "target_tokens": int(global_targets), "tokens": int(tokens), "tokens_seen": self.state.tokens_seen,
-                   "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
-        if sp_share is not None:
-            metrics["sequence_parallel_share"] = sp_share
-        if self.flops is not None:
-            per_device = elapsed * self.world.world_size
-            nominal = self.flops.nominal(int(tokens), self.cfg.seq_len) / per_device
-            document = self.flops.document_aware(int(tokens), int(sum_len_sq)) / per_device
-            metrics.update(tflops_nominal=nominal / 1e12, tflops_document=document / 1e12,
-                           mfu_nominal=nominal / self.peak_flops if self.peak_flops else None,
-                           mfu_document=document / self.peak_flops if self.peak_flops else None)
+                   "step_time_s": elapsed, "tokens_per_s": tokens / elapsed, "attention_cost": int(attention_cost)}
+        if any(mb.sequence_parallel is not None or mb.shared for mb in micro_batches):
+            # every rank of a group agrees, so the world-wide mean is the share of samples split
+            metrics["sequence_parallel_share"] = sp_samples / n_micro
         return metrics
 
     def _next_step_batches(self) -> list[MicroBatch]:
@@ -119,17 +107,15 @@ class Trainer:
         except StopIteration:
             raise RuntimeError(f"the data loader ran out at step {self.state.step + 1} of {self.total_steps}") from None
 
-    def fit(self) -> list[dict]:
+    def fit(self) -> None:
         for cb in self.callbacks:
             cb.on_train_start(self)
         while self.state.step < self.total_steps:
             metrics = self.train_step(self._next_step_batches())
-            self.history.append(metrics)
             for cb in self.callbacks:
                 cb.on_step_end(self, metrics)
         for cb in self.callbacks:
             cb.on_train_end(self)
-        return self.history
 
     def state_dict(self) -> dict:
         return {**asdict(self.state), "scheduler": self.engine.scheduler.state_dict()}

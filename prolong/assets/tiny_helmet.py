@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from prolong.assets.stdlib_docs import first_paragraph, module_docs, stdlib_modules
+
 LENGTHS = (512, 1024)
 # HELMET reports re-rank nDCG@10 only with at least 10 passages: the 1K files have 10
 PASSAGES_PER_LENGTH = {512: 4, 1024: 10}
@@ -18,12 +20,10 @@ ICL_MODULES = ("os", "json", "random", "string", "re")
 
 def _entries() -> list[tuple[str, str, str]]:
     """(module, qualified name, first paragraph of its doc) for documented stdlib functions."""
-    from prolong.assets import _first_paragraph, _module_docs, _stdlib_modules
-
     out = []
-    for module, path in _stdlib_modules():
-        _, items = _module_docs(path)
-        out += [(module, f"{module}.{q}", _first_paragraph(doc, 300)) for q, sig, doc in items if sig and len(doc) > 60]
+    for module, path in stdlib_modules():
+        _, items = module_docs(path)
+        out += [(module, f"{module}.{q}", first_paragraph(doc, 300)) for q, sig, doc in items if sig and len(doc) > 60]
     return out
 
 
@@ -32,7 +32,7 @@ def _write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def build(out: Path) -> None:
+def build(out: Path, final: Path, deps: dict[str, Path]) -> None:
     rng = random.Random(0)
     entries = _entries()
     rng.shuffle(entries)
@@ -77,7 +77,7 @@ def build(out: Path) -> None:
         rng.shuffle(test)
         _write(out / "icl" / f"{dataset}-train.jsonl", train)
         _write(out / "icl" / f"{dataset}-test.jsonl", test[:6])
-    books = [json.loads(line) for line in (Path(_corpus()) / "books.jsonl").read_text().splitlines()[:60]]
+    books = [json.loads(line) for line in (deps["tiny-corpus"] / "books.jsonl").read_text().splitlines()[:60]]
     books = [b for b in books if len(b["text"]) > 3000][:8]
     qa, summ = [], []
     for b in books:
@@ -91,9 +91,3 @@ def build(out: Path) -> None:
     _write(out / "narrativeqa" / "train.jsonl", [{"question": r["question"], "answers": r["answers"]} for r in qa[4:]])
     _write(out / "multi_lexsum" / "test.jsonl", summ[:4])
     _write(out / "multi_lexsum" / "train.jsonl", [{"summary_short": r["summary_short"]} for r in summ[4:]])
-
-
-def _corpus() -> str:
-    from prolong import assets
-
-    return assets.resolve("builtin:tiny-corpus")

@@ -119,8 +119,8 @@ def parse_key_points(reply: str) -> list[str] | None:
 def judge_qa(judge: Judge, question: str, answers: list[str], output: str) -> dict:
     """fluency (0/1) × correctness (0-3), as 0-100: HELMET's gpt-4-score × 100/3. ``output`` is the
     parsed answer; the correct answers are written as HELMET writes them (a Python list)."""
-    from prolong.eval.helmet_rubrics import HELMET_QA
-    from prolong.eval.rubrics import QA_RUBRIC
+    from prolong.eval.judge.helmet_rubrics import HELMET_QA
+    from prolong.eval.judge.rubrics import QA_RUBRIC
 
     fields = {"question": question, "correct_answers": str(list(answers))}
     prompt = (HELMET_QA.format(parsed_output=output, **fields) if judge.rubrics == "helmet"
@@ -134,8 +134,8 @@ def judge_summary(judge: Judge, output: str, short: str, long: str, key_points: 
     summary's key points in the output) and precision (its count of the output's sentences that
     the long expert summary supports, over its own sentence count). Fluency comes from the card's
     rubric (which also gives ``card_correctness``) or HELMET's fluency prompt."""
-    from prolong.eval.helmet_rubrics import HELMET_FLUENCY, HELMET_PRECISION, HELMET_RECALL
-    from prolong.eval.rubrics import MULTI_LEXSUM_RUBRIC
+    from prolong.eval.judge.helmet_rubrics import HELMET_FLUENCY, HELMET_PRECISION, HELMET_RECALL
+    from prolong.eval.judge.rubrics import MULTI_LEXSUM_RUBRIC
 
     output = output.strip()
     if judge.rubrics == "helmet":
@@ -157,7 +157,7 @@ def judge_summary(judge: Judge, output: str, short: str, long: str, key_points: 
 
 def extract_key_points(judge: Judge, summary: str) -> list[str]:
     """Key points of an expert summary, from the judge (for cases HELMET's release has none for)."""
-    from prolong.eval.helmet_rubrics import KEY_POINTS
+    from prolong.eval.judge.helmet_rubrics import KEY_POINTS
 
     points, _ = judge.ask(KEY_POINTS.format(summary=summary.strip()), parse_key_points, "key_points")
     return points

@@ -15,8 +15,9 @@ import time
 from typing import Callable
 
 from prolong.errors import ConfigError
-from prolong.eval import helmet
-from prolong.eval.judge import Judge, JudgeError, extract_key_points, judge_qa, judge_summary
+from prolong.eval.helmet import data as helmet
+from prolong.eval.helmet.tasks import build_items
+from prolong.eval.judge.client import Judge, JudgeError, extract_key_points, judge_qa, judge_summary
 from prolong.eval.metrics import (exact_match, parse_output, parse_ranking, rerank_cutoffs, rerank_ndcg,
                                   substring_exact_match, token_f1)
 from prolong.eval.prompts import fit, generate
@@ -89,7 +90,7 @@ def run_helmet(cfg, model, tok, instruct: bool, device, on_item: Callable[[str, 
     judge = Judge.from_config(cfg.judge) if cfg.judge is not None else None
     made_key_points: dict = {}
     rows = []
-    for it in helmet.build_items(hc, cfg.lengths_of(hc), truncation_tokenizer(hc, tok)):
+    for it in build_items(hc, cfg.lengths_of(hc), truncation_tokenizer(hc, tok)):
         if on_item is not None:
             on_item(it.dataset, it.length)
         chat = instruct and helmet.CHAT_FOR_INSTRUCT[it.kind] if hc.use_chat_template is None else hc.use_chat_template

@@ -71,8 +71,6 @@ MULTI_LEXSUM_DEMO = "Summary: {summary}"
 MULTI_LEXSUM_SEPARATOR = "\n\n"  # HELMET joins this prompt and "Summary:" with a blank line, the others with "\n"
 OMISSION = " ... [the rest of the text is omitted]"  # truncate_llama2's postfix
 
-RAG_DATASETS = ("nq", "triviaqa", "hotpotqa", "popqa")
-ICL_DATASETS = ("trec_coarse", "trec_fine", "banking77", "clinc150", "nlu")
 # generation budgets (HELMET's generation_max_length per task, configs/*.yaml)
 MAX_NEW_TOKENS = {"rag": 20, "rerank": 200, "icl": 20, "narrativeqa": 100, "multi_lexsum": 400}
 # HELMET's stop_new_line per task (configs/*.yaml): short answers end at the first line break
@@ -266,29 +264,3 @@ def rerank_items(data: HelmetData, length: int, max_items: int, seed: int = 42, 
                          Prompt(RERANK_TEMPLATE, _passages(template, row["ctxs"]),
                                 {"demos": demos, "question": row["query"]}, "Ranking:"),
                          meta={"qrels": qrels, "qid": row.get("qid"), "cutoffs": cutoffs})
-
-
-def icl_max_items(hc) -> int:
-    """HELMET tests ICL on 500 examples where the other tasks get 100: the same 5:1 by default."""
-    return hc.icl_max_items or 5 * hc.max_items
-
-
-def build_items(hc, lengths: list[int], tokenizer, data: HelmetData | None = None) -> Iterator[HelmetItem]:
-    """Every item of ``eval.helmet`` (``hc``), lazily: one length at a time, dataset by dataset.
-    ``tokenizer`` counts and cuts long documents as HELMET's Llama-2 tokenizer does."""
-    from prolong.eval import helmet_tasks
-
-    data = data if data is not None else HelmetData(hc.data_dir)
-    sources = helmet_tasks.Sources(data, hc, tokenizer)
-    for length in lengths:
-        for ds in hc.datasets:
-            if ds in RAG_DATASETS:
-                yield from rag_items(data, ds, length, hc.max_items, hc.seed, hc.shots)
-            elif ds == "msmarco":
-                yield from rerank_items(data, length, hc.max_items, hc.seed, hc.shots)
-            elif ds in ICL_DATASETS:
-                yield from helmet_tasks.icl_items(sources.icl(ds), ds, length, icl_max_items(hc), hc.seed)
-            elif ds == "narrativeqa":
-                yield from helmet_tasks.narrativeqa_items(sources, length)
-            elif ds == "multi_lexsum":
-                yield from helmet_tasks.multi_lexsum_items(sources, length)

@@ -19,11 +19,12 @@ import random
 from typing import Iterator
 
 from prolong.errors import DataError
-from prolong.eval import helmet_hf
-from prolong.eval.helmet import (HELMET_LENGTHS, ICL_DEMO, ICL_TEMPLATE, MULTI_LEXSUM_DEMO, MULTI_LEXSUM_DEMOS,
+from prolong.eval.helmet import hf as helmet_hf
+from prolong.eval.helmet.data import (HELMET_LENGTHS, ICL_DEMO, ICL_TEMPLATE, MULTI_LEXSUM_DEMO, MULTI_LEXSUM_DEMOS,
                                  MULTI_LEXSUM_SEPARATOR, MULTI_LEXSUM_TEMPLATE, NARRATIVEQA_DEMO, NARRATIVEQA_DEMOS,
                                  NARRATIVEQA_TEMPLATE, OMISSION, HelmetData, HelmetItem, hf_permutation, need,
-                                 text_seed)
+                                 rag_items, rerank_items, text_seed)
+from prolong.eval.helmet.datasets import ICL_DATASETS, RAG_DATASETS
 from prolong.eval.prompts import Prompt, truncate_text
 
 log = logging.getLogger(__name__)
@@ -267,3 +268,27 @@ class Sources:
                                 "(a list of strings)")
             out[str(r["id"])] = [str(p) for p in points]
         return out
+
+
+def icl_max_items(hc) -> int:
+    """HELMET tests ICL on 500 examples where the other tasks get 100: the same 5:1 by default."""
+    return hc.icl_max_items or 5 * hc.max_items
+
+
+def build_items(hc, lengths: list[int], tokenizer, data: HelmetData | None = None) -> Iterator[HelmetItem]:
+    """Every item of ``eval.helmet`` (``hc``), lazily: one length at a time, dataset by dataset.
+    ``tokenizer`` counts and cuts long documents as HELMET's Llama-2 tokenizer does."""
+    data = data if data is not None else HelmetData(hc.data_dir)
+    sources = Sources(data, hc, tokenizer)
+    for length in lengths:
+        for ds in hc.datasets:
+            if ds in RAG_DATASETS:
+                yield from rag_items(data, ds, length, hc.max_items, hc.seed, hc.shots)
+            elif ds == "msmarco":
+                yield from rerank_items(data, length, hc.max_items, hc.seed, hc.shots)
+            elif ds in ICL_DATASETS:
+                yield from icl_items(sources.icl(ds), ds, length, icl_max_items(hc), hc.seed)
+            elif ds == "narrativeqa":
+                yield from narrativeqa_items(sources, length)
+            elif ds == "multi_lexsum":
+                yield from multi_lexsum_items(sources, length)

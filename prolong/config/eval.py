@@ -1,0 +1,169 @@
+"""An evaluation stage (kind ``eval``): HELMET's categories, synthetic recall, perplexity, lm-eval."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from prolong.config.base import StageConfig, Tokens, _Config
+from prolong.config.data import Source
+from prolong.eval.helmet.datasets import HELMET_DATASETS, HELMET_DEFAULT_DATASETS, HELMET_HF_DATASETS
+
+class JsonKVConfig(_Config):
+    """Recall: HELMET's JSON KV, generated offline for the recipe's tokenizer."""
+
+    lengths: list[Tokens] | None = None  # default: eval.lengths
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    samples_per_depth: int = Field(default=2, gt=0)
+    max_new_tokens: int = Field(default=100, gt=0)
+    seed: int = 0
+
+
+class HelmetHFConfig(_Config):
+    """One HELMET dataset read through Hugging Face ``datasets``, as HELMET itself reads it."""
+
+    # a hub id, a save_to_disk folder, a folder of data files, or "json"/"parquet" with data_files;
+    # None: HELMET's hub id (and its subset: multi_lexsum v20230518, clinc150 plus)
+    name: str | None = None
+    subset: str | None = None
+    revision: str | None = None  # e.g. refs/convert/parquet for hub datasets that only ship a loading script
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+
+
+class HelmetConfig(_Config):
+    """RAG, re-rank, ICL, long-document QA and summarisation from HELMET's released data files."""
+
+    # HELMET's `data/` folder (our per-length names or HELMET's own k-named files): a local path,
+    # store-relative path or fsspec URL (s3://...); not needed when every dataset comes from `hf`
+    data_dir: str | None = None
+    datasets: list[Literal[HELMET_DATASETS]] = HELMET_DEFAULT_DATASETS  # type: ignore[valid-type]
+    # ICL, NarrativeQA and Multi-LexSum through `datasets` instead of data_dir's JSONL exports
+    hf: dict[Literal[HELMET_HF_DATASETS], HelmetHFConfig] = {}  # type: ignore[valid-type]
+    lengths: list[Tokens] | None = None  # default: eval.lengths
+    max_items: int = Field(default=100, gt=0)  # per dataset and length (HELMET: 100)
+    # per ICL dataset and length; None: 5 × max_items (HELMET: 500 against 100)
+    icl_max_items: int | None = Field(default=None, gt=0)
+    shots: int = Field(default=2, ge=0)  # demonstrations for RAG, re-rank, QA and Summ (HELMET: 2)
+    # generation budgets by task kind (rag, rerank, icl, narrativeqa, multi_lexsum); default HELMET's
+    max_new_tokens: dict[Literal["rag", "rerank", "icl", "narrativeqa", "multi_lexsum"], int] = {}
+    seed: int = 42
+    # chat template: None follows HELMET's configs (on for QA and Summ when evaluating the SFT stage,
+    # off for RAG, re-rank and ICL); true/false forces it for every task
+    use_chat_template: bool | None = None
+    # HELMET cuts books and case files with Llama-2's tokenizer (meta-llama/Llama-2-7b-hf) before the
+    # model's own cut; None: the evaluated model's tokenizer
+    truncation_tokenizer: str | None = None
+    # HELMET keeps NarrativeQA stories over 128K and Multi-LexSum cases of 64K+ tokens; applied when
+    # reading the raw sets (hf, or HELMET's multi_lexsum_val.jsonl), not to our own JSONL exports
+    min_context_tokens: dict[Literal["narrativeqa", "multi_lexsum"], int] = {"narrativeqa": 131073,
+                                                                             "multi_lexsum": 65536}
+    # Multi-LexSum key points: HELMET's multi_lexsum_val.jsonl (id, summary/short_keypoints), a path
+    # or URL, relative paths under data_dir; default: data_dir's multi_lexsum/multi_lexsum_val.jsonl
+    # when present; items without key points get them from the judge
+    key_points: str | None = None
+
+    @model_validator(mode="after")
+    def _sources(self):
+        from_files = [d for d in self.datasets if d not in self.hf]
+        if self.data_dir is None and from_files:
+            raise ValueError(f"data_dir: needed for {', '.join(from_files)} (or list them under hf)")
+        return self
+
+
+class PasskeyConfig(_Config):
+    lengths: list[Tokens] | None = None
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    samples_per_depth: int = Field(default=2, gt=0)
+    max_new_tokens: int = Field(default=10, gt=0)
+    seed: int = 0
+
+
+class NeedleConfig(_Config):
+    haystack: str  # a text/jsonl file of prose (Kamradt used Paul Graham's essays)
+    lengths: list[Tokens] | None = None
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    max_new_tokens: int = Field(default=32, gt=0)
+
+
+class PerplexityConfig(_Config):
+    """The paper's PG19 view: loss on the last ``last`` tokens of ``length``-token documents."""
+
+    source: Source
+    length: Tokens = 65536
+    last: Tokens = 32768
+    max_docs: int = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _last(self):
+        if not 0 < self.last < self.length:
+            raise ValueError(f"last: {self.last} must be below length {self.length}")
+        return self
+
+
+class PositionLossConfig(_Config):
+    """Loss by token position on long documents, the standard long-context diagnostic: a model that
+    uses its context predicts later tokens better, so its loss falls with position. ``buckets``
+    equal spans of positions, each the mean token loss over ``max_docs`` documents."""
+
+    source: Source
+    length: Tokens = 65536
+    buckets: int = Field(default=8, gt=1)
+    max_docs: int = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.length % self.buckets:
+            raise ValueError(f"buckets: {self.buckets} does not divide length {self.length}")
+        return self
+
+
+class JudgeConfig(_Config):
+    """An OpenAI-compatible chat endpoint scoring QA and summaries with the model card's rubrics."""
+
+    base_url: str | None = None  # or PROLONG_JUDGE_BASE_URL / OPENAI_BASE_URL
+    model: str = "gpt-4o-2024-05-13"  # the judge the ProLong paper used
+    api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable holding the key
+    retries: int = Field(default=3, ge=0)
+    timeout_s: float = Field(default=120, gt=0)
+    backoff_s: float = Field(default=2.0, ge=0)
+    # HELMET's judge calls (scripts/eval_gpt4_*.py): temperature 0.1, top_p 0.9, seed 42, up to 4096 tokens
+    temperature: float = Field(default=0.1, ge=0)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    seed: int | None = 42
+    max_tokens: int = Field(default=4096, gt=0)
+    # "card": the ProLong model card's QA and summary-fluency rubrics; "helmet": HELMET's scripts' wording
+    rubrics: Literal["card", "helmet"] = "card"
+
+
+class LmEvalConfig(_Config):
+    tasks: list[str] = Field(min_length=1)
+    num_fewshot: int | dict[str, int] = 0  # one lm-eval call per distinct shot count
+    include_path: str | None = None  # folder of local task YAMLs
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=1, gt=0)
+    max_length: Tokens | None = None  # default: the evaluated stage's seq_len
+
+    def shots(self, task: str) -> int:
+        return self.num_fewshot if isinstance(self.num_fewshot, int) else self.num_fewshot.get(task, 0)
+
+
+class EvalConfig(StageConfig):
+    """``kind: eval``: the evaluation of one model of the recipe (``model_from``, a training stage;
+    default: the last one declared before it)."""
+
+    kind: Literal["eval"] = "eval"
+    ADDED_LATER = frozenset({"position_loss"})
+    model_from: str | None = None
+    lengths: list[Tokens] = Field(default=[32768, 65536, 131072], min_length=1)  # HELMET's 32K/64K/128K
+    json_kv: JsonKVConfig | None = None
+    helmet: HelmetConfig | None = None
+    judge: JudgeConfig | None = None  # without it, QA and summaries report automatic metrics only
+    passkey: PasskeyConfig | None = None
+    needle: NeedleConfig | None = None
+    perplexity: PerplexityConfig | None = None
+    position_loss: PositionLossConfig | None = None
+    lm_eval: LmEvalConfig | None = None
+
+    def lengths_of(self, task) -> list[int]:
+        return list(task.lengths or self.lengths)

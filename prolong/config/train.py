@@ -1,0 +1,92 @@
+"""A training stage (kind ``train``): continued pretraining at a length and θ, or SFT — Table 9."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from prolong.config.base import StageConfig, Tokens, _Config, parse_tokens
+
+class OptimConfig(_Config):
+    """AdamW as in Table 9."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+
+
+class MixtureComponent(_Config):
+    """One stream of a stage: a domain, and for long domains the document length it is cut to."""
+
+    domain: str
+    doc_len: int | None  # None: packed to the stage's sequence length
+    proportion: float
+
+
+class TrainStageConfig(StageConfig):
+    """``kind: train``: continued pretraining, or SFT when its mixture holds sft domains."""
+
+    kind: Literal["train"] = "train"
+    seq_len: Tokens
+    rope_theta: float = Field(gt=0)
+    steps: int = Field(gt=0)
+    batch_tokens: Tokens  # global batch; accumulation = batch_tokens / (seq_len · micro_batch · dp)
+    micro_batch_size: int = Field(default=1, gt=0)
+    lr: float = Field(gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    optim: OptimConfig = OptimConfig()
+    # "domain" or "domain@LEN" (long domains cut to LEN-token documents) → proportion of samples.
+    mixture: dict[str, float]
+    init_from: str | None = None  # "model" or an earlier stage; default: the training stage declared before
+    data_from: str = "data"  # the data stage whose streams it reads
+    # sft: chat domains only, loss on assistant tokens; pretrain: long/short domains; auto: by the mixture
+    objective: Literal["auto", "pretrain", "sft"] = "auto"
+    keep_optimizer_state: bool = False  # carry Adam moments from init_from (ProLong stage 2)
+    sequence_parallel: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=0, ge=0)  # 0: only the final checkpoint
+    loss_chunk_size: int = Field(default=8192, gt=0)
+    reorder_minibatches: bool = True
+    activation_checkpointing: bool = True
+    compile: bool = False
+    seed: int | None = None
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_tokens // self.seq_len
+
+    def components(self) -> list[MixtureComponent]:
+        out = []
+        for key, proportion in self.mixture.items():
+            domain, _, length = key.partition("@")
+            out.append(MixtureComponent(domain=domain, doc_len=parse_tokens(length) if length else None,
+                                        proportion=proportion))
+        return out
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.batch_tokens % self.seq_len:
+            raise ValueError(f"batch_tokens: {self.batch_tokens} is not a multiple of seq_len {self.seq_len}")
+        if self.seq_len % self.sequence_parallel:
+            raise ValueError(f"sequence_parallel: {self.sequence_parallel} does not divide seq_len {self.seq_len}")
+        if self.sequence_parallel > 1 and self.micro_batch_size != 1:
+            raise ValueError(f"micro_batch_size: must be 1 with sequence_parallel {self.sequence_parallel} "
+                             "(a sequence-parallel group shares one sequence)")
+        total = sum(self.mixture.values())
+        if not self.mixture or not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"mixture: proportions sum to {total:.6g}, not 1")
+        for key, p in self.mixture.items():
+            if p <= 0:
+                raise ValueError(f"mixture.{key}: proportion must be > 0, got {p}")
+            _, _, length = key.partition("@")
+            if length:
+                try:
+                    n = parse_tokens(length)
+                except ValueError as e:
+                    raise ValueError(f"mixture.{key}: {e}") from None
+                if n > self.seq_len or self.seq_len % n:
+                    raise ValueError(f"mixture.{key}: document length {n} must divide seq_len {self.seq_len}")
+        return self
