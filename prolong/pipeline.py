@@ -136,8 +136,8 @@ def new_attempt() -> str:
 def run_work(ctx: RunContext, work: Work, *, on_log: Callable[[str], None] | None = None,
              on_progress: Callable[[dict], None] | None = None) -> tuple[Manifest, bool, str | None, str | None]:
     """Skip if done → submit → wait → check the key: (manifest, skipped, job id, log URI)."""
-    done = read_manifest_at(ctx.store, work.prefix)
-    if done is not None and done.input_key == work.key and not work.fresh:
+    done = None if work.fresh else read_manifest_at(ctx.store, work.prefix)  # a fresh start reads no damaged one
+    if done is not None and done.input_key == work.key:
         log.info("%s: done (manifest %s), skipping", work.what, done.digest[:12])
         return done, True, None, None
     record = layout.job_record(work.prefix)
