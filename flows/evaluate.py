@@ -25,12 +25,14 @@ def _flow_run_name() -> str:
 
 @flow(name="prolong-eval", flow_run_name=_flow_run_name, log_prints=True)
 def prolong_eval(run_name: str, store: str = DEFAULT_STORE, recipe: str | None = None,
-                 overrides: list[str] | None = None, secrets: dict[str, str] | None = None) -> dict:
+                 overrides: list[str] | None = None, secrets: dict[str, str] | None = None,
+                 export: bool = False) -> dict:
     """Evaluate the newest snapshot of run `run_name` in `store`.
 
     recipe: a recipe YAML whose eval section to use (default: the recipe the run was trained with,
     from {store}/{run_name}/recipe.json); overrides: ["eval.helmet.max_items=50", ...];
-    secrets: environment variable → Prefect Secret block name (S3 keys, the judge's API key).
+    secrets: environment variable → Prefect Secret block name (S3 keys, the judge's API key);
+    export: also export the snapshot (HF + GGUF, the recipe's export stage settings) beside its results.
     """
     logger = get_run_logger()
     if names := load_secrets(secrets):
@@ -43,6 +45,6 @@ def prolong_eval(run_name: str, store: str = DEFAULT_STORE, recipe: str | None =
         cfg = recipe_from_dict(apply_overrides(read_run_recipe(st, run_name), overrides or []))
     # evaluations have a lease of their own: they run beside the run's training, never beside each other
     with holding(RunContext(recipe=cfg, store=st, run=run_name), scope=EVALS):
-        result = evaluate_snapshot_task(recipe_to_dict(cfg), run_name, st.url)
+        result = evaluate_snapshot_task(recipe_to_dict(cfg), run_name, st.url, export=export)
     logger.info("%s: %s", result["snapshot"], "already evaluated" if result["skipped"] else "evaluated")
     return result

@@ -53,8 +53,9 @@ def prolong_recipe(recipe: str = "recipes/tiny.yaml", run_name: str | None = Non
     ctx = RunContext(recipe=cfg, store=open_store(store), run=run)
     forced = cfg.graph.forced_by(chosen, from_stage)
     results: dict[str, dict] = {}
+    # every stage that will run, before the first one does, and before the run's lease is written
+    todo = check_run(ctx, chosen, forced)
     with holding(ctx) as lease:
-        todo = check_run(ctx, chosen, forced)  # every stage that will run, before the first one does
         publish_recipe(ctx)
         logger.info("run %s in %s: stages %s (%s to run)", run, ctx.store.uri(run), ", ".join(chosen),
                     ", ".join(todo) or "none")

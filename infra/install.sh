@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Create or update .venv/ at the repository root with everything the project needs (CPU machine).
 # Idempotent: a second run with unchanged requirements finishes in about a second.
+#   --llama-cpp   also build llama-cpp-python (llama.cpp's quantizer, loader and server: k-quants,
+#                 GGUF checks, the served evaluation). Minutes of compiling on 2 cores the first time;
+#                 pip's wheel cache keeps the build, so later installs take seconds.
 set -euo pipefail
+llama=0
+[[ "${1:-}" == "--llama-cpp" ]] && llama=1
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$root/.venv"
@@ -9,7 +14,9 @@ python="${PYTHON:-python3}"
 stamp="$venv/.prolong-install"
 want="$(cat infra/install.sh infra/constraints.txt infra/requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+LLAMA_CPP_PYTHON=0.3.36  # its sdist carries llama.cpp: the converter is unpacked from it, the library built from it
+llama_ready() { "$venv/bin/python" -c "import llama_cpp" >/dev/null 2>&1; }
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && { [[ $llama == 0 ]] || llama_ready; }; then
   exit 0
 fi
 
@@ -34,7 +41,28 @@ if "$venv/bin/python" -m pip show -q torchvision >/dev/null 2>&1; then
 fi
 log "project (editable)"
 "${pip[@]}" install --no-deps -e .
+# llama.cpp's GGUF converter (convert_hf_to_gguf.py, conversion/, the gguf-py it was released with), unpacked
+# from the llama-cpp-python source distribution: a download, no build (the export stage's f16/bf16/q8_0 files)
+share="$venv/share/llama.cpp"
+if [[ ! -f "$share/.from-$LLAMA_CPP_PYTHON" ]]; then
+  log "llama.cpp's converter (from llama-cpp-python $LLAMA_CPP_PYTHON's sdist)"
+  sdist="$(mktemp -d)"
+  "${pip[@]}" download --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$sdist"
+  tar -xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$sdist" --wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' \
+    '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*' '*/vendor/llama.cpp/LICENSE'
+  rm -rf "$share" && mkdir -p "$(dirname "$share")"
+  mv "$sdist"/llama_cpp_python-*/vendor/llama.cpp "$share"
+  touch "$share/.from-$LLAMA_CPP_PYTHON"
+  rm -rf "$sdist"
+fi
 "$venv/bin/python" -c 'import torch, transformers, prefect; from prolong.data.mds import import_streaming; import_streaming()' \
   || { echo "install: the environment does not import; see the errors above" >&2; exit 1; }
 echo "$want" > "$stamp"
+if [[ $llama == 1 ]] && ! llama_ready; then
+  # the library only (no examples or tests), for every x86-64 CPU; the quantizer and the loader are in it
+  log "llama-cpp-python $LLAMA_CPP_PYTHON (builds llama.cpp the first time: minutes; cached by pip afterwards)"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    "${pip[@]}" install -c infra/constraints.txt "llama-cpp-python[server]==$LLAMA_CPP_PYTHON"
+  llama_ready || { echo "install: llama-cpp-python does not import; see the errors above" >&2; exit 1; }
+fi
 log "done: $venv"

@@ -5,7 +5,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-./infra/install.sh
+# --llama-cpp: the export and served-evaluation tests load the GGUF files in llama.cpp (its first
+# build takes minutes on 2 cores; pip's wheel cache keeps it for later runs)
+./infra/install.sh --llama-cpp
 # Debian packages for the Slurm and browser tests; in CI they are required, elsewhere those tests
 # skip with the reason when the packages cannot be installed (no root, not Debian).
 if ! ./infra/system-packages.sh; then

@@ -1,7 +1,7 @@
 """``prolong``: run a recipe, show a run's status, check a run's files, validate a recipe.
 
     prolong run RECIPE [--store URL] [--run-name NAME] [--stages a,b] [--from-stage NAME] [--set k.path=v ...]
-    prolong evaluate RUN [--store URL] [--recipe RECIPE] [--set k.path=v ...]
+    prolong evaluate RUN [--store URL] [--recipe RECIPE] [--set k.path=v ...] [--export]
     prolong status RUN [--store URL] [--json]
     prolong doctor RUN [--store URL] [--json] [--sizes-only]
     prolong validate RECIPE [--set k.path=v ...]
@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--recipe", default=None, help="take the eval settings from this recipe, not the run's own")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--secret", dest="secrets", action="append", default=[], metavar="ENV=BLOCK")
+    ev.add_argument("--export", action="store_true",
+                    help="also export the snapshot (HF + GGUF, the recipe's export settings) into its evals/ folder")
 
     status = sub.add_parser("status", help="show which stages of a run are done")
     status.add_argument("run")
@@ -146,8 +148,9 @@ def _cmd_evaluate(args) -> int:
     from flows.evaluate import prolong_eval
 
     result = prolong_eval(run_name=args.run, store=args.store or _default_store(), recipe=args.recipe,
-                          overrides=args.overrides, secrets=_secrets(args.secrets))
-    print(f"run {args.run}: {result['snapshot']} {'was already evaluated' if result['skipped'] else 'evaluated'}")
+                          overrides=args.overrides, secrets=_secrets(args.secrets), export=args.export)
+    print(f"run {args.run}: {result['snapshot']} {'was already evaluated' if result['skipped'] else 'evaluated'}"
+          + (f"; exported to {result['export']}" if result.get("export") else ""))
     return 0
 
 

@@ -27,7 +27,6 @@ def stages_to_run(ctx, chosen: list[str], forced: set[str]) -> list[str]:
 def check_run(ctx, chosen: list[str], forced: set[str]) -> list[str]:
     """Check everything the stages about to run need; returns those stages. Raises a one-line
     ProlongError naming the field or file."""
-    ctx.store.check_writable(ctx.run)
     for stage in chosen:
         if stage not in forced:
             try:
@@ -37,4 +36,5 @@ def check_run(ctx, chosen: list[str], forced: set[str]) -> list[str]:
     todo = stages_to_run(ctx, chosen, forced)
     for stage in todo:
         ctx.recipe.graph[stage].check(ctx, reruns=set(todo))
+    ctx.store.check_writable(ctx.run)  # last: a run refused for its input leaves nothing behind
     return todo

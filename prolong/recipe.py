@@ -14,6 +14,7 @@ five-stage recipe) are that graph: data → stage1 → stage2 → sft → eval. 
 here; a bad field fails with one line naming its path (``stage2.mixture: proportions sum to 0.97,
 not 1``; a stage's fields are named ``STAGE.field`` either way, and ``--set STAGE.field=value``
 works for both forms). Top-level keys that start with ``x-`` are ignored: they hold YAML anchors.
+``extends: base.yaml`` takes another recipe file and changes what this one says.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from prolong.config.model import ModelConfig
 from prolong.config.train import TrainStageConfig
 from prolong.errors import ConfigError
 
-LEGACY_STAGES = {"stage1": "train", "stage2": "train", "sft": "train", "eval": "eval"}
+# the ProLong form's top-level stage sections, in run order (export last: eval's default model is sft's)
+LEGACY_STAGES = {"stage1": "train", "stage2": "train", "sft": "train", "eval": "eval", "export": "export"}
 TOP_LEVEL = ("name", "seed", "model", "data", "stages", "parallel", "jobs")
 
 
@@ -132,9 +134,9 @@ class Recipe(_Config):
                     cfg = kind_cls.config.model_validate(entry)
                 except ValidationError as e:
                     raise ValueError(f"{name}.{format_validation_error(e)}") from None
-                if getattr(cfg, "model_from", "") is None:  # an eval's default: the last model before it
+                if getattr(cfg, "model_from", "") is None:  # eval, export: by default the last model before
                     if not makers:
-                        raise ValueError(f"{name}.model_from: no stage before it makes a model to evaluate")
+                        raise ValueError(f"{name}.model_from: no stage declared before it makes a model")
                     cfg = cfg.model_copy(update={"model_from": makers[-1]})
                 if kind_cls.makes_model:
                     makers.append(name)
@@ -203,7 +205,22 @@ def recipe_from_dict(raw: dict) -> Recipe:
         raise ConfigError(format_validation_error(e)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on ``base``, mappings merged key by key; ``null`` in ``over`` removes the key."""
+    out = dict(base)
+    for key, value in over.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe_file(path: str | Path, _seen: tuple = ()) -> dict:
+    """A recipe file as a mapping; ``extends: other.yaml`` (relative to it) takes that recipe and
+    changes what this file says (mappings merge, ``null`` removes)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -215,7 +232,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping")
-    return recipe_from_dict(apply_overrides(raw, overrides))
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _seen:
+        raise ConfigError(f"{path}: extends: {parent} extends itself")
+    return _merge(read_recipe_file(parent_path, (*_seen, path.resolve())), raw)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    return recipe_from_dict(apply_overrides(read_recipe_file(path), overrides))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

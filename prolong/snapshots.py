@@ -6,7 +6,9 @@ the stage's final weights if the stage is done, else its newest complete checkpo
 snapshot is evaluated once, into ``{run}/evals/{stage}-step{N}/`` (the same files as the eval stage:
 results.json, results.md, items.jsonl, charts/, manifest.json last); a nightly run that finds
 nothing new finishes in seconds. A checkpoint is first exported to HF weights by a job on the
-ranks that wrote it; evaluation is a second job. The orchestrator only submits and waits.
+ranks that wrote it; evaluation is a second job. ``export=True`` (``prolong evaluate --export``)
+adds the export stage's job on the same model, into ``{run}/evals/{tag}/export/``: a model to ship
+from a run that is still training. The orchestrator only submits and waits.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from prolong.stages.base import input_key
 
 log = logging.getLogger(__name__)
 REQUEST = "request.json"
+EXPORT = "export"  # a snapshot's export, inside its folder
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class SnapshotEval:
     manifest: Manifest
     skipped: bool
     eval_stage: str
+    export: Manifest | None = None
 
 
 def newest_snapshot(ctx: RunContext) -> Snapshot:
@@ -65,37 +69,62 @@ def snapshot_upstream(ctx: RunContext, snap: Snapshot) -> dict[str, str]:
     return {snap.tag: checkpoint_identity(ctx.store, stage_prefix(ctx.run, snap.stage), snap.step)}
 
 
+def stage_of_kind(ctx: RunContext, kind: str) -> str:
+    """The stage whose settings apply to snapshots: the one named like its kind ("eval",
+    "export"), else the recipe's last of that kind."""
+    stages = ctx.recipe.graph.of_kind(kind)
+    if not stages:
+        raise StageError(f"recipe {ctx.recipe.name!r} has no {kind} stage to take the settings from")
+    return kind if kind in stages else stages[-1]
+
+
 def eval_stage_of(ctx: RunContext) -> str:
-    """The eval stage whose settings evaluate snapshots: "eval", else the recipe's last one."""
-    evals = ctx.recipe.graph.of_kind("eval")
-    if not evals:
-        raise StageError(f"recipe {ctx.recipe.name!r} has no eval stage to evaluate with")
-    return "eval" if "eval" in evals else evals[-1]
+    return stage_of_kind(ctx, "eval")
 
 
-def evaluate_newest(ctx: RunContext, *, on_log: Callable[[str], None] | None = None,
+def snapshot_model(ctx: RunContext, snap: Snapshot, attempt: str, on_log=None) -> str:
+    """Where the snapshot's HF weights are: the stage's own, or a checkpoint exported to HF first,
+    by a job on the ranks that wrote it (keyed like any work)."""
+    if snap.final:
+        return f"{stage_prefix(ctx.run, snap.stage)}/{read_manifest(ctx.store, ctx.run, snap.stage).artifacts['hf_model']}"
+    model = f"{snapshot_prefix(ctx.run, snap.tag)}/model"
+    args = ["export-checkpoint", ctx.store.url, ctx.run, snap.stage, str(snap.step), model]
+    work = Work(f"export {snap.tag}", model, input_key(ctx.recipe.graph[snap.stage].config_digest(),
+                                                       snapshot_upstream(ctx, snap)),
+                job_spec(ctx, snap.stage, attempt, args=args, label=f"export-{snap.tag}"), attempt)
+    exported, *_ = run_work(ctx, work, on_log=on_log)
+    return f"{model}/{exported.artifacts['hf_model']}"
+
+
+def _snapshot_work(ctx: RunContext, snap: Snapshot, stage: str, out: str, model_rel: str, attempt: str,
+                   on_log, on_progress) -> tuple[Manifest, bool]:
+    """``stage``'s job on the snapshot's model, into ``out``. The job reads what to work on from
+    ``out/request.json``: its arguments stay short and torchrun-safe (the recipe too: its settings
+    may differ from the ones the run was trained with)."""
+    upstream = snapshot_upstream(ctx, snap)
+    ctx.store.write_json_atomic(f"{out}/{REQUEST}", {"model": model_rel, "model_stage": snap.stage,
+                                                      "upstream": upstream, "stage": stage,
+                                                      "recipe": recipe_to_dict(ctx.recipe)}, sort_keys=False)
+    kind = ctx.recipe.graph[stage].kind
+    work = Work(f"{kind} {snap.tag}", out, input_key(ctx.recipe.graph[stage].config_digest(), upstream),
+                job_spec(ctx, stage, attempt, args=[stage, ctx.store.url, ctx.run, out], label=f"{kind}-{snap.tag}"),
+                attempt)
+    manifest, skipped, _, _ = run_work(ctx, work, on_log=on_log, on_progress=on_progress)
+    return manifest, skipped
+
+
+def evaluate_newest(ctx: RunContext, *, export: bool = False, on_log: Callable[[str], None] | None = None,
                     on_progress: Callable[[dict], None] | None = None) -> SnapshotEval:
+    """Evaluate the newest snapshot into ``{run}/evals/{tag}/``; with ``export``, also export it
+    with the recipe's export settings into ``{run}/evals/{tag}/export/`` (HF + GGUF, checked)."""
     eval_stage = eval_stage_of(ctx)
+    export_stage = stage_of_kind(ctx, "export") if export else None
     snap = newest_snapshot(ctx)
     out = snapshot_prefix(ctx.run, snap.tag)
-    upstream = snapshot_upstream(ctx, snap)
     attempt = new_attempt()
-    if snap.final:
-        model_rel = f"{stage_prefix(ctx.run, snap.stage)}/{read_manifest(ctx.store, ctx.run, snap.stage).artifacts['hf_model']}"
-    else:  # a checkpoint: HF weights first, by a job on the ranks that wrote it (keyed like any work)
-        model = f"{out}/model"
-        args = ["export-checkpoint", ctx.store.url, ctx.run, snap.stage, str(snap.step), model]
-        work = Work(f"export {snap.tag}", model, input_key(ctx.recipe.graph[snap.stage].config_digest(), upstream),
-                    job_spec(ctx, snap.stage, attempt, args=args, label=f"export-{snap.tag}"), attempt)
-        exported, *_ = run_work(ctx, work, on_log=on_log)
-        model_rel = f"{model}/{exported.artifacts['hf_model']}"
-    # the job reads what to evaluate from here: its arguments stay short and torchrun-safe
-    # (the recipe too: evaluation settings may differ from the ones the run was trained with)
-    ctx.store.write_json_atomic(f"{out}/{REQUEST}", {"model": model_rel, "model_stage": snap.stage,
-                                                      "upstream": upstream, "eval_stage": eval_stage,
-                                                      "recipe": recipe_to_dict(ctx.recipe)}, sort_keys=False)
-    work = Work(f"eval {snap.tag}", out, input_key(ctx.recipe.graph[eval_stage].config_digest(), upstream),
-                job_spec(ctx, eval_stage, attempt, args=[eval_stage, ctx.store.url, ctx.run, out],
-                         label=f"eval-{snap.tag}"), attempt)
-    manifest, skipped, _, _ = run_work(ctx, work, on_log=on_log, on_progress=on_progress)
-    return SnapshotEval(snap, manifest, skipped=skipped, eval_stage=eval_stage)
+    model_rel = snapshot_model(ctx, snap, attempt, on_log)
+    manifest, skipped = _snapshot_work(ctx, snap, eval_stage, out, model_rel, attempt, on_log, on_progress)
+    shipped = None
+    if export_stage is not None:
+        shipped, _ = _snapshot_work(ctx, snap, export_stage, f"{out}/{EXPORT}", model_rel, attempt, on_log, None)
+    return SnapshotEval(snap, manifest, skipped=skipped, eval_stage=eval_stage, export=shipped)

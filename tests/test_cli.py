@@ -22,7 +22,7 @@ def test_validate_reports_a_bad_field_in_one_line():
 def test_run_rejects_unknown_stages_before_starting_anything(tmp_path):
     p = prolong_cli("run", "recipes/tiny.yaml", "--store", str(tmp_path / "runs"), "--stages", "data,stage9")
     assert p.returncode == 2
-    assert p.stderr.strip() == "error: stages: unknown stage 'stage9' (stages: data, stage1, eval_stage1, stage2, eval_stage2, sft, eval)"
+    assert p.stderr.strip() == "error: stages: unknown stage 'stage9' (stages: data, stage1, eval_stage1, stage2, eval_stage2, sft, eval, export)"
     assert not (tmp_path / "runs").exists()
 
 

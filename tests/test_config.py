@@ -40,7 +40,7 @@ def test_token_counts_parse_binary_suffixes():
     ("sft.init_from=eval", "sft.init_from: 'eval' is not an earlier stage of this recipe"),
     ("stage1.keep_optimizer_state=true", "stage1.keep_optimizer_state: needs init_from to name an earlier stage"),
     ("eval.model_from=stage9", "eval.model_from: 'stage9' is not a stage of this recipe"),
-    ("eval.model_from=data", "eval.model_from: 'data' is not a training stage of this recipe"),
+    ("eval.model_from=data", "eval.model_from: 'data' is not a stage that makes a model (train, export)"),
     ("stage1.sequence_parallel=3", "stage1.sequence_parallel: 3 does not divide seq_len 512"),
     ("jobs.env={OPENAI_API_KEY: sk-1}", "jobs.env.OPENAI_API_KEY: looks like a credential"),
 ])
@@ -91,11 +91,11 @@ def test_digests_cover_exactly_what_a_stage_depends_on():
 
 def test_stage_selection():
     r = load_recipe(TINY)
-    assert r.graph.order == ["data", "stage1", "eval_stage1", "stage2", "eval_stage2", "sft", "eval"]
+    assert r.graph.order == ["data", "stage1", "eval_stage1", "stage2", "eval_stage2", "sft", "eval", "export"]
     assert r.graph.select(["stage1", "data"]) == ["data", "stage1"]
     assert r.graph.select(None, "sft") == r.graph.order
     # --from-stage stage2: it and everything that reads its outputs, not the evaluation of stage 1
-    assert r.graph.forced_by(r.graph.order, "stage2") == {"stage2", "eval_stage2", "sft", "eval"}
+    assert r.graph.forced_by(r.graph.order, "stage2") == {"stage2", "eval_stage2", "sft", "eval", "export"}
     with pytest.raises(ConfigError, match="unknown stage 'stage3'"):
         r.graph.select(["stage3"])
     with pytest.raises(ConfigError, match="'sft' is not among the selected stages"):

@@ -16,8 +16,8 @@ from tasks.stages import artifact_key
 from tests.conftest import BIN, FAST, ROOT, prolong_cli
 
 pytestmark = pytest.mark.slow
-# the tiny recipe's graph: the ProLong stages, and an evaluation of each training stage
-STAGES = ("data", "stage1", "eval_stage1", "stage2", "eval_stage2", "sft", "eval")
+# the tiny recipe's graph: the ProLong stages, an evaluation of each training stage, the export
+STAGES = ("data", "stage1", "eval_stage1", "stage2", "eval_stage2", "sft", "eval", "export")
 
 
 def sets(overrides):
@@ -61,6 +61,12 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
     assert all(len(c["buckets"]) == 8 and c["documents"] == 4 for c in curves.values()), curves
     report = store.read_text("e2e/report.md")
     assert "stage1 (eval_stage1) | stage2 (eval_stage2) | sft (eval)" in report and "loss, first → last" in report
+    # the SFT model shipped: HF float16 with θ for every reader, and llama.cpp's files, read back
+    config = json.loads(store.local_path("e2e/export/hf/config.json").read_text())
+    assert config["rope_theta"] == 1.28e8 and config["torch_dtype"] == "float16"
+    export = read_manifest(store, "e2e", "export")
+    assert set(export.artifacts["gguf"]) == {"f16", "q8_0"} and export.upstream["sft"] == done["sft"]
+    assert "## Evaluation" in store.read_text("e2e/export/hf/README.md")  # the eval table, in the model card
     results = store.read_json("e2e/eval/results.json")
     assert set(results["categories"]) == {"Recall", "RAG", "Re-rank", "ICL", "Synthetic"}
     assert all(set(c["by_length"]) == {"512", "1024"} for c in results["categories"].values())
@@ -97,7 +103,7 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
     # --from-stage re-runs that stage and every later one, and nothing before it
     forced = prolong_cli(*args, "--from-stage", "sft", env=prefect_env, check=True)
     after = manifests(store, "e2e")
-    assert {s for s in STAGES if after[s] != done[s]} == {"sft", "eval"}, forced.stderr[-2000:]
+    assert {s for s in STAGES if after[s] != done[s]} == {"sft", "eval", "export"}, forced.stderr[-2000:]
 
 
 def _job_pid(stage: str, store_url: str) -> int | None:

@@ -22,7 +22,7 @@ from prolong.eval.synthetic.json_kv import make_example
 from prolong.eval.metrics import (exact_match, ndcg_at_k, normalize_answer, parse_output, parse_ranking,
                                   substring_exact_match, token_f1)
 from prolong.eval.likelihood import long_document_loss
-from prolong.eval.prompts import Prompt, fit, n_tokens, newline_token_ids, truncate_text
+from prolong.eval.prompts import HFGenerator, Prompt, fit, n_tokens, newline_token_ids, truncate_text
 from tests import eval_helmet_data as data
 
 
@@ -367,7 +367,7 @@ def test_helmet_tasks_run_on_a_model_and_judge_failures_become_failed_items(helm
                                             "max_new_tokens": {"multi_lexsum": 20, "rerank": 20}},
                      judge={"base_url": f"{judge_url}/down/v1", "api_key_env": "TEST_JUDGE_KEY", "retries": 0,
                             "backoff_s": 0})
-    items = run_helmet(cfg, tiny_lm, tok, True, "cpu")
+    items = run_helmet(cfg, HFGenerator(tiny_lm, tok, "cpu"), tok, True)
     by = {i["dataset"]: i for i in items}
     assert set(by) == {"nq", "msmarco", "nlu", "narrativeqa", "multi_lexsum"}
     assert all(i["input_tokens"] <= 256 for i in items) and by["narrativeqa"]["context_tokens_cut"] > 0
@@ -390,7 +390,7 @@ def test_summaries_use_released_key_points_or_ask_the_judge_once_per_case(tmp_pa
                                                  "min_context_tokens": {}, "max_new_tokens": {"multi_lexsum": 8}},
                      judge={"base_url": f"{judge_url}/ok/v1", "api_key_env": "TEST_JUDGE_KEY", "backoff_s": 0})
     before = requests_seen(judge_url)
-    rows = run_helmet(cfg, tiny_lm, tok, True, "cpu")
+    rows = run_helmet(cfg, HFGenerator(tiny_lm, tok, "cpu"), tok, True)
     calls = requests_seen(judge_url) - before
     assert not any(r.get("failed") for r in rows) and all(0 <= r["score"] <= 100 for r in rows)
     if layout == "helmet":  # HELMET's multi_lexsum_val.jsonl: 2 of its 3 cases, with their key points

@@ -60,7 +60,7 @@ def test_a_custom_graph_without_stage2_runs_end_to_end_with_a_stage_kind_of_its_
     ({"data": {"kind": "data"}, "a": {"kind": "train"}, "e": {"kind": "eval", "model_from": "nothing"}},
      "e.model_from: 'nothing' is not a stage of this recipe"),
     ({"data": {"kind": "data"}, "a": {"kind": "train"}, "e": {"kind": "eval", "model_from": "data"}},
-     "e.model_from: 'data' is not a training stage of this recipe"),
+     "e.model_from: 'data' is not a stage that makes a model (train, export)"),
     ({"data": {"kind": "data"}, "a": {"kind": "tran"}}, "a.kind: unknown stage kind 'tran'"),
     ({"data": {"kind": "data"}, "../x": {"kind": "train"}}, "not a valid stage name"),
 ])
@@ -99,6 +99,6 @@ def test_two_stages_of_one_kind_and_an_extra_continued_training_stage():
 def test_the_legacy_form_and_the_explicit_graph_are_one_recipe():
     legacy = load_recipe(ROOT / "recipes" / "prolong-8b.yaml")
     explicit = recipe_from_dict(legacy.model_dump(mode="json"))
-    assert explicit.graph.order == legacy.graph.order == ["data", "stage1", "stage2", "sft", "eval"]
+    assert explicit.graph.order == legacy.graph.order == ["data", "stage1", "stage2", "sft", "eval", "export"]
     assert {s: explicit.stage(s).config_digest() for s in explicit.graph.order} == \
         {s: legacy.stage(s).config_digest() for s in legacy.graph.order}

@@ -86,3 +86,37 @@ def test_evaluation(r8b):
     assert e.judge.model == "gpt-4o-2024-05-13" and e.judge.api_key_env == "OPENAI_API_KEY"
     assert (e.perplexity.length, e.perplexity.last) == (65536, 32768)
     assert e.lm_eval.num_fewshot == {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "winogrande": 5, "gsm8k": 5}
+
+
+def test_export_settings(r8b):
+    x = r8b.stages["export"]
+    assert (x.kind, x.model_from, x.dtype, x.gguf) == ("export", "sft", "bfloat16", ["bf16", "q8_0", "Q4_K_M"])
+    assert (x.name, x.license, x.max_shard_size) == ("Llama-3-8B-ProLong-512k-Instruct", "llama3", "5GB")
+    assert r8b.graph.trained_length("export") == 524288  # max_position_embeddings of the exported config
+    tiny = load_recipe(ROOT / "recipes" / "tiny.yaml").stages["export"]
+    assert (tiny.model_from, tiny.dtype, tiny.gguf) == ("sft", "float16", ["f16", "q8_0"])
+
+
+def test_the_served_variant_extends_the_tiny_recipe():
+    tiny = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    served = load_recipe(ROOT / "recipes" / "tiny-served.yaml")
+    assert served.graph.order == [*tiny.graph.order, "eval_export", "eval_served"]
+    assert {s: served.stage(s).config_digest() for s in tiny.graph.order} == \
+        {s: tiny.stage(s).config_digest() for s in tiny.graph.order}
+    a, b = served.stages["eval_export"], served.stages["eval_served"]
+    assert (a.backend, b.backend, b.serve.engine, b.serve.gguf) == ("hf", "openai", "llama_cpp", "f16")
+    assert a.model_dump(exclude={"backend", "serve"}) == b.model_dump(exclude={"backend", "serve"})
+
+
+def test_extends_merges_mappings_and_null_removes(tmp_path):
+    from prolong.errors import ConfigError
+
+    (tmp_path / "base.yaml").write_text((ROOT / "recipes" / "tiny.yaml").read_text())
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\nstages:\n  stage1: {steps: 3}\n"
+                                         "  eval_stage1: null\n")
+    child = load_recipe(tmp_path / "child.yaml")
+    assert child.name == "child" and child.stages["stage1"].steps == 3 and "eval_stage1" not in child.stages
+    assert child.stages["stage1"].seq_len == load_recipe(tmp_path / "base.yaml").stages["stage1"].seq_len
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends: loop.yaml extends itself"):
+        load_recipe(tmp_path / "loop.yaml")

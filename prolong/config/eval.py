@@ -148,13 +148,32 @@ class LmEvalConfig(_Config):
         return self.num_fewshot if isinstance(self.num_fewshot, int) else self.num_fewshot.get(task, 0)
 
 
+class ServeConfig(_Config):
+    """A server the eval job starts for the evaluated model, on 127.0.0.1, and stops at the end."""
+
+    engine: Literal["llama_cpp", "vllm"] = "llama_cpp"
+    # llama_cpp: which GGUF of the export stage to serve, by type (f16, q8_0, Q4_K_M ...; default its
+    # first), or ``file``: a GGUF (llama_cpp) or HF folder (vllm) by path
+    gguf: str | None = None
+    file: str | None = None
+    args: list[str] = []  # more arguments for the server's command line
+    startup_timeout_s: float = Field(default=600, gt=0)
+
+
 class EvalConfig(StageConfig):
     """``kind: eval``: the evaluation of one model of the recipe (``model_from``, a training stage;
     default: the last one declared before it)."""
 
     kind: Literal["eval"] = "eval"
-    ADDED_LATER = frozenset({"position_loss"})
+    ADDED_LATER = frozenset({"position_loss", "backend", "base_url", "serve", "served_model", "request_timeout_s"})
     model_from: str | None = None
+    # hf: the model in this process through transformers' generate; openai: prompts sent to an
+    # OpenAI-compatible completions server (vLLM, SGLang, llama.cpp's) — ``base_url``, or one ``serve`` starts
+    backend: Literal["hf", "openai"] = "hf"
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    serve: ServeConfig | None = None
+    served_model: str | None = None  # the "model" field of requests; default: the server's first model
+    request_timeout_s: float = Field(default=600, gt=0)
     lengths: list[Tokens] = Field(default=[32768, 65536, 131072], min_length=1)  # HELMET's 32K/64K/128K
     json_kv: JsonKVConfig | None = None
     helmet: HelmetConfig | None = None

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from prolong.config import DomainConfig, FileSource
 from prolong.recipe import Recipe, recipe_from_dict
-from prolong.errors import ConfigError
+from prolong.errors import ConfigError, StageError
+from prolong.eval.backends import generator
 from prolong.eval import report
 from prolong.eval.synthetic import passkey as synthetic
 from prolong.eval.helmet.run import run_helmet
@@ -25,26 +26,15 @@ from prolong.eval.synthetic.json_kv import score as json_kv_score
 from prolong.eval.metrics import substring_exact_match
 from prolong.eval.likelihood import long_document_loss, loss_by_position
 from prolong.eval.short_tasks import run_lm_eval
-from prolong.eval.prompts import generate
+from prolong.eval.prompts import GenerationFailed
 from prolong import layout
 from prolong.layout import stage_prefix
 from prolong.manifest import StageRecorder, read_manifest
-from prolong.model.load import DTYPES
 from prolong.parallel.world import init_world
 from prolong.progress import StageProgress
 from prolong.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def _load_for_generation(path: str, dtype: str, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.model_max_length = 1 << 62
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation="sdpa").to(device)
-    model.eval()
-    return model, tok
 
 
 class EvalProgress:
@@ -99,54 +89,81 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def run_recall_and_synthetic(cfg, model, tok, device, progress: EvalProgress | None = None) -> list[dict]:
-    def starting(task: str, length: int) -> None:
-        if progress is not None:
-            progress.item(task, length)
-
+def run_recall_and_synthetic(cfg, gen, tok, progress: EvalProgress | None = None) -> list[dict]:
+    """JSON KV, passkey and needle items through the generator ``gen`` (prolong.eval.prompts)."""
     items = []
+
+    def one(dataset: str, ex, max_new_tokens: int, score, **fields) -> None:
+        if progress is not None:
+            progress.item(dataset, ex.length)
+        try:
+            (raw, n), secs = _timed(gen, ex.prompt, max_new_tokens)
+        except GenerationFailed as e:  # failed, never 0
+            items.append({"dataset": dataset, "length": ex.length, "depth": ex.depth, "answer": ex.answer,
+                          "failed": True, "error": str(e), **fields})
+            return
+        items.append({"dataset": dataset, "length": ex.length, "depth": ex.depth, "input_tokens": n,
+                      "answer": ex.answer, "prediction": raw.strip(), "score": 100 * score(raw, ex.answer),
+                      "seconds": secs, **fields})
+
     if cfg.json_kv is not None:
         kv = cfg.json_kv
-        # HELMET's recall configs prompt every model without the chat template
+        # HELMET's recall configs prompt every model without the chat template; HELMET scores the raw output
         for ex in make_examples(tok, cfg.lengths_of(kv), kv.depths, kv.samples_per_depth, kv.max_new_tokens + 1,
                                 kv.seed, use_chat_template=False):
-            starting("json_kv", ex.length)
-            (pred, n), secs = _timed(generate, model, tok, ex.prompt, kv.max_new_tokens, device)
-            score = 100 * json_kv_score(pred, ex.answer)  # HELMET scores the raw output, prefix in front
-            pred = pred.strip()
-            items.append({"dataset": "json_kv", "length": ex.length, "depth": ex.depth, "input_tokens": n,
-                          "num_pairs": ex.num_pairs, "answer": ex.answer, "prediction": pred,
-                          "score": score, "seconds": secs})
+            one("json_kv", ex, kv.max_new_tokens, json_kv_score, num_pairs=ex.num_pairs)
     if cfg.passkey is not None:
         pk = cfg.passkey
         for ex in synthetic.passkey_examples(tok, cfg.lengths_of(pk), pk.depths, pk.samples_per_depth,
                                              pk.max_new_tokens + 1, pk.seed):
-            starting("passkey", ex.length)
-            (pred, n), secs = _timed(generate, model, tok, ex.prompt, pk.max_new_tokens, device)
-            pred = pred.strip()
-            items.append({"dataset": "passkey", "length": ex.length, "depth": ex.depth, "input_tokens": n,
-                          "answer": ex.answer, "prediction": pred,
-                          "score": 100 * synthetic.passkey_score(pred, ex.answer), "seconds": secs})
+            one("passkey", ex, pk.max_new_tokens, lambda raw, answer: synthetic.passkey_score(raw.strip(), answer))
     if cfg.needle is not None:
         nd = cfg.needle
         haystack = "\n\n".join(_source_texts(FileSource(type="files", path=nd.haystack), "eval.needle.haystack", 0))
-        for ex in synthetic.needle_examples(tok, haystack, cfg.lengths_of(nd), nd.depths,
-                                            nd.max_new_tokens + 1):
-            starting("needle", ex.length)
-            (pred, n), secs = _timed(generate, model, tok, ex.prompt, nd.max_new_tokens, device)
-            pred = pred.strip()
-            items.append({"dataset": "needle", "length": ex.length, "depth": ex.depth, "input_tokens": n,
-                          "answer": ex.answer, "prediction": pred,
-                          "score": 100 * substring_exact_match(pred, ex.answer), "seconds": secs})
+        for ex in synthetic.needle_examples(tok, haystack, cfg.lengths_of(nd), nd.depths, nd.max_new_tokens + 1):
+            one("needle", ex, nd.max_new_tokens, lambda raw, answer: substring_exact_match(raw.strip(), answer))
     return items
 
 
-def _check_lengths(cfg, model) -> None:
+def _likelihood(cfg, model, tok, seed: int, stage: str, device, progress: EvalProgress) -> dict:
+    """Perplexity and loss by position (the hf backend: they need the model's logits)."""
+    out = {}
+    if cfg.perplexity is not None:
+        pc = cfg.perplexity
+        progress.part("perplexity", pc.length)
+        docs = _source_texts(pc.source, f"{stage}.perplexity.source", seed)
+        out["perplexity"] = long_document_loss(model, tok, docs, length=pc.length, last=pc.last, max_docs=pc.max_docs,
+                                               device=device)
+    if cfg.position_loss is not None:
+        pl = cfg.position_loss
+        progress.part("position_loss", pl.length)
+        docs = _source_texts(pl.source, f"{stage}.position_loss.source", seed)
+        out["position_loss"] = loss_by_position(model, tok, docs, length=pl.length, buckets=pl.buckets,
+                                                max_docs=pl.max_docs, device=device)
+    return out
+
+
+PARTIAL_ITEMS = f"{layout.LOGS}/partial-items.jsonl"
+
+
+def _keep_for_inspection(rec: StageRecorder, tmp: Path, items: list[dict]) -> None:
+    """A stopped evaluation's items (failed ones marked) and logs, under ``logs/``: kept even when
+    the stage's earlier outputs are put back in place."""
+    try:
+        (tmp / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+        rec.store.put_file(tmp / "items.jsonl", rec.rel(PARTIAL_ITEMS))
+        for log_file in (tmp / "logs").iterdir():
+            rec.store.put_file(log_file, rec.rel(f"{layout.LOGS}/{log_file.name}"))
+    except Exception as e:  # the failure being raised matters more
+        log.warning("could not keep the partial evaluation (%s)", e)
+
+
+def _check_lengths(cfg, model, stage: str) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     tasks = [t for t in (cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle) if t is not None]
     longest = max((L for t in tasks for L in cfg.lengths_of(t)), default=0)
     if limit and longest > limit:
-        raise ConfigError(f"eval.lengths: {longest} tokens is beyond the model's max_position_embeddings {limit}")
+        raise ConfigError(f"{stage}.lengths: {longest} tokens is beyond the model's max_position_embeddings {limit}")
 
 
 def run_eval_stage(recipe: Recipe, store: Store, run: str, stage: str = "eval", snapshot: str | None = None) -> None:
@@ -158,7 +175,7 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, stage: str = "eval", 
     request = store.read_json(f"{snapshot}/request.json") if snapshot is not None else None
     if request is not None:
         recipe = recipe_from_dict(request["recipe"])
-        stage = request.get("eval_stage", stage)
+        stage = request.get("stage", request.get("eval_stage", stage))  # eval_stage: requests before 0.3
     cfg = recipe.stages[stage]
     if request is None:
         rec = StageRecorder(store, run, recipe, stage)
@@ -174,36 +191,33 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, stage: str = "eval", 
         tmp = Path(tmp_)
         model_dir = str(store.local_path(rel)) if store.is_local else str(store.get_dir(rel, tmp / "model"))
         items, extra = [], {}
-        if any((cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle, cfg.perplexity, cfg.position_loss)):
-            model, tok = _load_for_generation(model_dir, recipe.model.dtype, world.device)
-            _check_lengths(cfg, model)
-            items += run_recall_and_synthetic(cfg, model, tok, world.device, progress)
-            if cfg.helmet is not None:  # the SFT stage is the instruction-tuned model
-                items += run_helmet(cfg, model, tok, recipe.graph.instruct(model_stage), world.device,
-                                    on_item=progress.item)
-            if cfg.perplexity is not None:
-                pc = cfg.perplexity
-                progress.part("perplexity", pc.length)
-                docs = _source_texts(pc.source, "eval.perplexity.source", recipe.seed)
-                extra["perplexity"] = long_document_loss(model, tok, docs, length=pc.length, last=pc.last,
-                                                         max_docs=pc.max_docs, device=world.device)
-            if cfg.position_loss is not None:
-                pl = cfg.position_loss
-                progress.part("position_loss", pl.length)
-                docs = _source_texts(pl.source, f"{stage}.position_loss.source", recipe.seed)
-                extra["position_loss"] = loss_by_position(model, tok, docs, length=pl.length, buckets=pl.buckets,
-                                                          max_docs=pl.max_docs, device=world.device)
+        (tmp / "logs").mkdir()
+        try:
+            with generator(cfg, recipe, store, run, model_stage, rel, model_dir, tmp, world.device, tmp / "logs") as \
+                    (gen, tok, model, scored_model):
+                if model is not None:
+                    _check_lengths(cfg, model, stage)
+                items += run_recall_and_synthetic(cfg, gen, tok, progress)
+                if cfg.helmet is not None:  # HELMET's chat-template rule follows instruction tuning
+                    items += run_helmet(cfg, gen, tok, recipe.graph.instruct(model_stage), on_item=progress.item)
+                extra.update(_likelihood(cfg, model, tok, recipe.seed, stage, world.device, progress))
+                if cfg.lm_eval is not None and not getattr(gen, "died", None):
+                    extra["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval, cfg.lm_eval.max_length or seq_len,
+                                                   recipe.model.dtype, world.device, progress,
+                                                   served=None if model is not None else gen, stage=stage)
             del model
+        except StageError:
+            _keep_for_inspection(rec, tmp, items)  # what was scored before it stopped, outside the manifest
+            raise
+        for log_file in (tmp / "logs").iterdir():
+            rec.put_file(log_file, f"{layout.LOGS}/{log_file.name}")
         scored = [i for i in items if not i.get("unscored")]
         results = report.aggregate(scored)
         unscored = sorted({i["dataset"] for i in items if i.get("unscored")})
         if unscored:
             results["unscored"] = f"{', '.join(unscored)} (no judge endpoint: eval.judge); token F1 in items.jsonl"
         results.update(extra)
-        if cfg.lm_eval is not None:
-            max_length = cfg.lm_eval.max_length or seq_len
-            results["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval, max_length, recipe.model.dtype, world.device,
-                                             progress)
+        results["scored_model"] = scored_model
         (tmp / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
         rec.put_file(tmp / "items.jsonl", "items.jsonl")
         rec.write_json("results.json", results)
@@ -221,7 +235,7 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, stage: str = "eval", 
 def _headline(results: dict) -> dict:
     """The manifest's metrics: category means by length, perplexity and lm-eval (details in results.json)."""
     out = {"categories": {k: {"by_length": v["by_length"], "mean": v["mean"]} for k, v in results["categories"].items()},
-           "failed_items": results["failed_items"]}
+           "failed_items": results["failed_items"], "scored_model": results["scored_model"]}
     if "by_depth" in results and "json_kv" in results["by_depth"]:
         out["json_kv_by_depth"] = results["by_depth"]["json_kv"]
     for key in ("perplexity", "position_loss", "lm_eval"):

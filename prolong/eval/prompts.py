@@ -109,19 +109,30 @@ def newline_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
+def prompt_token_ids(tokenizer, text: str, add_bos: bool = True, special_tokens: bool = False) -> list[int]:
+    """The tokens a prompt is generated from. ``add_bos``: prepend BOS unless the text starts with it
+    (plain prompts); chat-templated text is taken as the template wrote it. ``special_tokens``:
+    instead, whichever special tokens the tokenizer adds itself (HELMET's plain prompts,
+    :func:`prompt_ids`)."""
+    ids = list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if add_bos and not special_tokens and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+class GenerationFailed(RuntimeError):
+    """One prompt got no generation (a served model's request failed): the item is failed, not 0."""
+
+
 @torch.no_grad()
 def generate(model, tokenizer, text: str, max_new_tokens: int, device, stop_at_newline: bool = False,
              add_bos: bool = True, special_tokens: bool = False) -> tuple[str, int]:
     """Greedy decoding; returns (continuation, prompt tokens). ``stop_at_newline`` ends generation at
-    a line-break token, as HELMET does for short answers (a token such as ".\n" does not stop it,
-    the answer parsers take the first line). ``add_bos``: prepend BOS unless the text starts with
-    it (plain prompts); chat-templated text is taken as the template wrote it. ``special_tokens``:
-    instead, whichever special tokens the tokenizer adds itself (HELMET's plain prompts,
-    :func:`prompt_ids`)."""
-    ids = tokenizer(text, add_special_tokens=special_tokens, return_tensors="pt")["input_ids"].to(device)
-    bos = tokenizer.bos_token_id
-    if add_bos and not special_tokens and bos is not None and (ids.shape[1] == 0 or ids[0, 0].item() != bos):
-        ids = torch.cat([torch.tensor([[bos]], device=device), ids], dim=1)
+    a line-break token, as HELMET does for short answers, and returns the first line (a token such
+    as ".\n" does not stop generation; the answer parsers read the first line). Tokens:
+    :func:`prompt_token_ids`."""
+    ids = torch.tensor([prompt_token_ids(tokenizer, text, add_bos, special_tokens)], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -129,4 +140,21 @@ def generate(model, tokenizer, text: str, max_new_tokens: int, device, stop_at_n
         eos = sorted(set(eos) | set(newline_token_ids(tokenizer)))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          num_beams=1, pad_token_id=pad, **({"eos_token_id": eos} if eos else {}))
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if stop_at_newline:  # the first line: what the parsers read, and what a server's stop=["\n"] returns
+        text = text.split("\n", 1)[0]
+    return text, ids.shape[1]
+
+
+class HFGenerator:
+    """Greedy generation by the model in this process: ``gen(text, max_new_tokens, ...)``."""
+
+    backend = "hf"
+
+    def __init__(self, model, tokenizer, device):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+
+    def __call__(self, text: str, max_new_tokens: int, stop_at_newline: bool = False, add_bos: bool = True,
+                 special_tokens: bool = False) -> tuple[str, int]:
+        return generate(self.model, self.tokenizer, text, max_new_tokens, self.device, stop_at_newline, add_bos,
+                        special_tokens)

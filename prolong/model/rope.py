@@ -48,3 +48,40 @@ def model_rope_theta(model) -> float:
             # inv_freq[1] = θ^(-2/dim)  →  θ = inv_freq[1]^(-dim/2)
             return float(inv_freq[1].double() ** (-dim / 2))
     raise ValueError("model has no rotary embedding")
+
+
+def portable_config(config: dict, dtype: str | None = None) -> dict:
+    """A saved ``config.json`` that every reader gets θ from: transformers ≥ 5 reads
+    ``rope_parameters``, transformers 4.x and the converters and servers built on it (llama.cpp's
+    ``convert_hf_to_gguf.py``, many vLLM/SGLang installs) read top-level ``rope_theta`` and
+    ``rope_scaling`` — and silently take θ = 10000 when it is absent. Both are written, with the
+    same values, and ``torch_dtype`` beside ``dtype``."""
+    out = dict(config)
+    params = out.get("rope_parameters")
+    if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
+        if "rope_theta" in params:
+            out["rope_theta"] = params["rope_theta"]
+        kind = params.get("rope_type", "default")
+        if kind != "default":  # transformers 4's form of the same scaling
+            out["rope_scaling"] = {**{k: v for k, v in params.items() if k != "rope_theta"}, "type": kind}
+        else:
+            out.pop("rope_scaling", None)
+    if dtype is not None:
+        out["dtype"] = out["torch_dtype"] = dtype
+    elif "dtype" in out:
+        out["torch_dtype"] = out["dtype"]
+    return out
+
+
+def write_portable_config(folder, **changes) -> dict:
+    """Rewrite ``folder/config.json`` (as ``save_pretrained`` left it) in the portable form, with
+    ``changes`` applied first (``dtype=...`` also sets ``torch_dtype``). Returns what was written."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    dtype = changes.pop("dtype", None)
+    config = portable_config({**config, **changes}, dtype=dtype)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config

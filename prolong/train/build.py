@@ -17,6 +17,7 @@ from prolong.layout import stage_prefix
 from prolong.manifest import read_manifest
 from prolong.model import attention
 from prolong.model.load import DTYPES, load_model
+from prolong.model.rope import write_portable_config
 from prolong.parallel.dims import ParallelDims
 from prolong.parallel.engine import Engine, build_engine
 from prolong.parallel.ulysses import build_group, check_model_heads
@@ -95,4 +96,5 @@ def export_hf(engine: Engine, lm, tokenizer, out: Path, world: World, dtype: tor
         state = {k: v.to(dtype) for k, v in state.items()}
         lm.config.dtype = dtype
         lm.save_pretrained(out, state_dict=state, safe_serialization=True)
+        write_portable_config(out)  # θ where transformers 4, converters and servers read it too
         tokenizer.save_pretrained(out)

@@ -20,7 +20,7 @@ from prolong.eval.helmet.tasks import build_items
 from prolong.eval.judge.client import Judge, JudgeError, extract_key_points, judge_qa, judge_summary
 from prolong.eval.metrics import (exact_match, parse_output, parse_ranking, rerank_cutoffs, rerank_ndcg,
                                   substring_exact_match, token_f1)
-from prolong.eval.prompts import fit, generate
+from prolong.eval.prompts import GenerationFailed, fit
 
 
 def truncation_tokenizer(hc, tok):
@@ -82,10 +82,10 @@ def score_item(item: helmet.HelmetItem, output: str, judge: Judge | None, key_po
         return {**auto, "failed": True, "error": str(e)}
 
 
-def run_helmet(cfg, model, tok, instruct: bool, device, on_item: Callable[[str, int], None] | None = None
-               ) -> list[dict]:
-    """Every ``eval.helmet`` item through ``model``; ``instruct``: the model is instruction-tuned.
-    ``on_item(dataset, length)`` hears of each item before it runs."""
+def run_helmet(cfg, gen, tok, instruct: bool, on_item: Callable[[str, int], None] | None = None) -> list[dict]:
+    """Every ``eval.helmet`` item through the generator ``gen`` (prolong.eval.prompts: the model here,
+    or a server); ``instruct``: the model is instruction-tuned. ``on_item(dataset, length)`` hears of
+    each item before it runs; a generation that fails makes a failed item."""
     hc = cfg.helmet
     judge = Judge.from_config(cfg.judge) if cfg.judge is not None else None
     made_key_points: dict = {}
@@ -98,9 +98,13 @@ def run_helmet(cfg, model, tok, instruct: bool, device, on_item: Callable[[str, 
         budget = hc.max_new_tokens.get(it.kind, it.max_new_tokens)
         text, cut = fit(it.prompt, tok, it.length - budget, chat)
         t0 = time.perf_counter()
-        # tokenised as fit counted it: a plain prompt with the tokenizer's own special tokens (HELMET)
-        pred, n = generate(model, tok, text, budget, device, stop_at_newline=helmet.STOP_AT_NEWLINE[it.kind],
-                           add_bos=False, special_tokens=not chat)
+        try:  # tokenised as fit counted it: a plain prompt with the tokenizer's own special tokens (HELMET)
+            pred, n = gen(text, budget, stop_at_newline=helmet.STOP_AT_NEWLINE[it.kind], add_bos=False,
+                          special_tokens=not chat)
+        except GenerationFailed as e:
+            rows.append({"dataset": it.dataset, "length": it.length, "context_tokens_cut": cut, "failed": True,
+                         "error": str(e), "answers": it.answers})
+            continue
         secs = time.perf_counter() - t0
         output = pred if chat else it.prompt.assistant_prefix + pred
         rows.append({"dataset": it.dataset, "length": it.length, "input_tokens": n, "context_tokens_cut": cut,
