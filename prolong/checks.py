@@ -48,6 +48,26 @@ def check_path(ref: str, field: str, *, folder: bool | None = None, error=DataEr
         raise error(f"{field}: {ref} is not a folder")
 
 
+def check_mds_folder(uri: str, storage_options: dict, field: str) -> None:
+    """An MDS folder read in place has its index.json (a built-in asset: a known one)."""
+    from prolong.data import remote
+
+    if assets.is_builtin(uri):
+        assets.check_ref(uri, field)
+        return
+    index = remote.join(uri, remote.INDEX)
+    try:
+        fs, path = remote.filesystem(index, storage_options)
+        found = fs.exists(path)
+    except DataError:
+        raise
+    except Exception as e:  # unreachable endpoint, no credentials, a refused requester-pays bucket
+        raise DataError(f"{field}: cannot reach {index} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                        ) from None
+    if not found:
+        raise DataError(f"{field}: {index} does not exist (not an MDS folder)")
+
+
 def model_config(ref: str, field: str) -> dict | None:
     """The model's config.json as a dict: None for a hub id (checked by the job, which can fetch it)."""
     if assets.is_builtin(ref):

@@ -12,6 +12,7 @@ Everything is relative to the store's root (``prolong.store.Store``)::
     {run}/{stage}/logs/{attempt}.log
     {run}/{stage}/checkpoints/step_N/...    COMPLETE written last (sizes and sha256 of the files)
     {run}/.previous/{stage}/                a stage's earlier outputs, kept until a new attempt succeeds
+    {run}/.parts/{stage}/{part}/            a stage split into parts: each part's outputs until they are merged
     {run}/evals/{stage}-stepN/              evaluations of snapshots (prolong.snapshots)
 
 Names that become path segments (run names, stage names) are checked here, once, so that no
@@ -32,6 +33,7 @@ JOB_RECORD = "job.json"
 PROGRESS = "progress.json"
 COMPLETE = "COMPLETE"
 PREVIOUS = ".previous"
+PARTS = ".parts"
 EVALS = "evals"
 LOGS = "logs"
 CHECKPOINTS = "checkpoints"
@@ -77,6 +79,17 @@ def stage_prefix(run: str, stage: str) -> str:
 def previous_prefix(run: str, stage: str) -> str:
     """Where a stage's earlier outputs wait while a new attempt runs (prolong.pipeline)."""
     return f"{run_prefix(run)}/{PREVIOUS}/{stage}"
+
+
+def parts_prefix(run: str, stage: str) -> str:
+    return f"{run_prefix(run)}/{PARTS}/{stage}"
+
+
+def part_prefix(run: str, stage: str, part: str) -> str:
+    """Where one part of a stage split into parts (a data stage's domain) writes, until the stage's
+    merge moves its outputs into the stage's folder. Outside it, so a failed merge that puts the
+    stage's earlier outputs back keeps the finished parts."""
+    return f"{parts_prefix(run, stage)}/{check_name(part, 'part')}"
 
 
 def previous_of(prefix: str) -> str:

@@ -183,10 +183,47 @@ def run_stage(ctx: RunContext, stage: str, *, force: bool = False, on_log: Calla
     attempt = new_attempt()
     if ctx.lease is not None:
         ctx.lease.renew(stage=stage, job_id=None)
-    work = Work(stage, stage_prefix(ctx.run, stage), key, job_spec(ctx, stage, attempt), attempt,
-                fresh=force or state in ("stale", "damaged"))
+    fresh = force or state in ("stale", "damaged")
+    parts = ctx.recipe.graph[stage].parts()
+    if parts:
+        run_parts(ctx, stage, key, parts, attempt, fresh=force, on_log=on_log, on_progress=on_progress)
+    args = [stage, ctx.store.url, ctx.run, "merge"] if parts else None
+    work = Work(stage, stage_prefix(ctx.run, stage), key, job_spec(ctx, stage, attempt, args), attempt, fresh=fresh)
     manifest, skipped, job_id, log_uri = run_work(ctx, work, on_log=on_log, on_progress=on_progress)
     return StageResult(stage, manifest, skipped=skipped, job_id=job_id, log_uri=log_uri)
+
+
+def part_limit(ctx: RunContext, parts: int) -> int:
+    """How many parts of a stage run at once: ``jobs.max_parallel_parts``, else the local machine's
+    cores (each part is one process), else — on Slurm, which queues what does not fit — all of them."""
+    limit = ctx.recipe.jobs.max_parallel_parts
+    if not limit:
+        limit = (os.cpu_count() or 1) if ctx.recipe.jobs.backend == "local" else parts
+    return max(1, min(limit, parts))
+
+
+def run_parts(ctx: RunContext, stage: str, key: str, parts: list[str], attempt: str, *, fresh: bool,
+              on_log: Callable[[str], None] | None = None, on_progress: Callable[[dict], None] | None = None) -> None:
+    """Each part of ``stage`` as its own keyed job, side by side: a part finished for these inputs is
+    skipped (a retry re-runs only the parts that failed); every part runs to its end even when
+    another fails, and the first failure is raised once all are done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(part: str):
+        spec = job_spec(ctx, stage, attempt, [stage, ctx.store.url, ctx.run, "part", part], label=f"{stage}-{part}")
+        work = Work(f"{stage}[{part}]", layout.part_prefix(ctx.run, stage, part), key, spec, attempt, fresh=fresh)
+        tagged = (lambda p: on_progress({**p, "part": part})) if on_progress else None
+        return run_work(ctx, work, on_log=on_log, on_progress=tagged)
+
+    limit = part_limit(ctx, len(parts))
+    log.info("%s: %d parts (%s), %d at a time", stage, len(parts), ", ".join(parts), limit)
+    with ThreadPoolExecutor(limit, thread_name_prefix=f"{stage}-part") as pool:
+        futures = {part: pool.submit(one, part) for part in parts}
+    failed = [(part, f.exception()) for part, f in futures.items() if f.exception() is not None]
+    if failed:
+        if len(failed) > 1:
+            log.error("%s: parts %s failed", stage, ", ".join(p for p, _ in failed))
+        raise failed[0][1]
 
 
 def set_aside(store: Store, prefix: str) -> str | None:

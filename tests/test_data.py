@@ -277,7 +277,7 @@ def test_another_tokenizer_is_one_config_change(tmp_path):
 
 
 def test_mixture_proportions_are_followed_within_sampling_error(tmp_path):
-    from prolong.data.mds import mixture_dataset, write_stream
+    from prolong.data.mds import StreamSource, mixture_dataset, write_stream
     from prolong.data.pack import Sample
 
     store = Store(str(tmp_path / "runs"))
@@ -287,8 +287,8 @@ def test_mixture_proportions_are_followed_within_sampling_error(tmp_path):
         key = StreamKey(8, name)
         rows = [Sample(input_ids=np.full(8, i, np.uint32), indices=np.array([[0, 8]]), domain=name) for _ in range(50)]
         write_stream(rows, Path(store.path(stream_rel("r", key))), sft=False, compression="zstd")
-        keys.append((key, proportions[name]))
-    ds = mixture_dataset(store, "r", "data", keys, cache_dir=tmp_path / "cache", seed=3, batch_size=1, epoch_size=1000)
+        keys.append(StreamSource(key.name, store.uri(stream_rel("r", key)), proportions[name]))
+    ds = mixture_dataset(keys, cache_dir=tmp_path / "cache", seed=3, batch_size=1, epoch_size=1000)
     counts = {name: 0 for name in proportions}
     for s in ds:
         counts[s["domain"]] += 1

@@ -54,6 +54,9 @@ render_conf() {
     cpus="$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$hw")"
     mem="$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")"
     [ -n "$cpus" ] && [ -n "$mem" ] || die "could not read CPUs/RealMemory from 'slurmd -C': $hw"
+    # at least 4 schedulable CPUs (SlurmdParameters=config_overrides lets the node claim more than it
+    # has): single-CPU jobs side by side, as on a real node, even on a 2-core test machine
+    [ "$cpus" -ge "${SLURM_MIN_CPUS:-4}" ] || cpus="${SLURM_MIN_CPUS:-4}"
     rm -f "$H/etc/ports.tmp"
     local ctld_port slurmd_port
     ctld_port="$(pick_port 6817)"

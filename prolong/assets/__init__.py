@@ -10,7 +10,8 @@ it needs from the Python standard library installed on this machine:
 * ``builtin:tiny-bpe`` — a byte-level BPE tokenizer trained on that corpus with ``tokenizers``;
 * ``builtin:tiny-llama`` — a randomly initialised Llama (a few M parameters) with that tokenizer;
 * ``builtin:tiny-lm-eval`` — an lm-eval multiple-choice task on local files;
-* ``builtin:tiny-helmet`` — HELMET's file layout, made from the stdlib's docs.
+* ``builtin:tiny-helmet`` — HELMET's file layout, made from the stdlib's docs;
+* ``builtin:tiny-prolong-mds`` — that corpus in the folders and MDS formats of ProLong's released data.
 
 Assets are built once per version under ``$PROLONG_HOME`` (default ``~/.cache/prolong``), under a
 file lock and renamed into place, so concurrent jobs never see half-built assets. A builder gets
@@ -54,6 +55,10 @@ ASSETS = {
     "tiny-helmet": Asset("prolong.assets.tiny_helmet:build", ("tiny-corpus",),
                          ("kilt/nq-512.jsonl", "msmarco/rerank-1024.jsonl", "icl/nlu-test.jsonl",
                           "narrativeqa/test.jsonl", "multi_lexsum/test.jsonl")),
+    "tiny-prolong-mds": Asset("prolong.assets.released:build", ("tiny-corpus", "tiny-bpe"),
+                              ("data-512/books-512/index.json", "data-512/code-512/index.json",
+                               "data-512/shortmix/index.json", "data-512/textbooks/index.json",
+                               "ultrachat-512/index.json", "raw/books/index.json")),
 }
 
 

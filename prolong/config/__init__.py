@@ -8,7 +8,7 @@ prolong.recipe. A bad field fails with one line naming its dotted path
 """
 
 from prolong.config.base import StageConfig, Tokens, format_tokens, parse_tokens
-from prolong.config.data import DataConfig, DomainConfig, FileSource, HFSource, RepoSource, Source
+from prolong.config.data import DataConfig, DomainConfig, FileSource, HFSource, MDSSource, RepoSource, Source
 from prolong.config.eval import (EvalConfig, HelmetConfig, HelmetHFConfig, JsonKVConfig, JudgeConfig, LmEvalConfig,
                                  NeedleConfig, PasskeyConfig, PerplexityConfig, PositionLossConfig, ServeConfig)
 from prolong.config.jobs import JobsConfig, ParallelConfig, SlurmConfig
@@ -18,4 +18,4 @@ from prolong.config.train import MixtureComponent, OptimConfig, TrainStageConfig
 __all__ = ["StageConfig", "Tokens", "format_tokens", "parse_tokens", "DataConfig", "DomainConfig", "FileSource",
            "HFSource", "RepoSource", "Source", "EvalConfig", "HelmetConfig", "HelmetHFConfig", "JsonKVConfig",
            "JudgeConfig", "LmEvalConfig", "NeedleConfig", "PasskeyConfig", "PerplexityConfig", "PositionLossConfig", "ServeConfig", "JobsConfig",
-           "ParallelConfig", "SlurmConfig", "ModelConfig", "MixtureComponent", "OptimConfig", "TrainStageConfig"]
+           "MDSSource", "ParallelConfig", "SlurmConfig", "ModelConfig", "MixtureComponent", "OptimConfig", "TrainStageConfig"]

@@ -51,7 +51,39 @@ class HFSource(_RowSource):
     streaming: bool = True
 
 
-Source = Annotated[Union[RepoSource, FileSource, HFSource], Field(discriminator="type")]
+class MDSSource(_Config):
+    """Tokenized, unpacked documents in MDS (ProLong's ``data_before_packing``): one document per
+    sample, its ids in ``field``; packed by our rules without tokenizing again. The ids must be of
+    the recipe's tokenizer; BOS/EOS are added as for text documents."""
+
+    type: Literal["mds"]
+    path: str  # a folder with index.json: local, s3://, hf://datasets/ORG/REPO/PATH
+    revision: str | None = None  # hf:// folders: the commit (or tag) to read
+    storage_options: dict[str, Any] = {}  # fsspec options, e.g. {requester_pays: true}; never credentials
+    field: str = "input_ids"
+
+    @model_validator(mode="after")
+    def _no_credentials(self):
+        check_storage_options(self.storage_options, "storage_options")
+        return self
+
+
+def check_storage_options(options: dict[str, Any], field: str) -> None:
+    """Recipes are stored with every run: keys, secrets and tokens come from the environment or a
+    Prefect Secret block, never from here."""
+    def walk(obj, where):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if re.search(r"secret|token|password|key(?!s)|credential|session", str(k), re.I) and \
+                        str(k) not in ("requester_pays",):
+                    raise ValueError(f"{where}.{k}: looks like a credential; set it in the environment or a "
+                                     "Prefect Secret block, never in a recipe")
+                walk(v, f"{where}.{k}")
+
+    walk(options, field)
+
+
+Source = Annotated[Union[RepoSource, FileSource, HFSource, MDSSource], Field(discriminator="type")]
 
 
 class DomainConfig(_Config):

@@ -45,6 +45,14 @@ class SlurmConfig(_Config):
         return self
 
 
+class StreamCacheConfig(_Config):
+    """Where training jobs cache the shards they stream (mosaicml-streaming's ``local``), and how much."""
+
+    dir: str | None = None  # None: the node's temporary folder; set a fast local disk for real runs
+    # e.g. "200gb": shards beyond it are evicted (streaming's cache_limit); None: keep every shard fetched
+    limit: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?\s*[kmgt]?b$")
+
+
 class JobsConfig(_Config):
     backend: Literal["local", "slurm"] = "local"
     nproc_per_node: int = Field(default=1, gt=0)
@@ -53,6 +61,10 @@ class JobsConfig(_Config):
     # dense bf16 peak per device for MFU; known GPUs are looked up by name, CPUs have none
     peak_tflops: float | None = Field(default=None, gt=0)
     slurm: SlurmConfig = SlurmConfig()
+    stream_cache: StreamCacheConfig = StreamCacheConfig()
+    # at most this many jobs of one stage's parts at once (a data stage split by domain); 0: the local
+    # machine's cores, or all parts at once on Slurm
+    max_parallel_parts: int = Field(default=0, ge=0)
 
     @field_validator("env")
     @classmethod

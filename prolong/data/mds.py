@@ -8,11 +8,12 @@ the deterministic shuffle, and — through its state dict — the exact resume p
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -95,11 +96,27 @@ def read_stream(uri: str | Path, cache_dir: str | Path) -> list[dict]:
 _SHARD_FAILURES: list[str] = []
 
 
+@dataclass(frozen=True)
+class StreamSource:
+    """One stream a training stage reads: a folder of MDS shards and its proportion. A data stage
+    kind says where its streams are (prolong.stages.data / prolong.stages.packed)."""
+
+    name: str  # its cache folder and its name in errors: "L64K/books@64K", "book-65536"
+    uri: str  # the folder: in the store, or read in place (a local path, s3://, hf://…@REV)
+    proportion: float
+    # fsspec options of a folder read in place; None: the store's own (streaming's downloaders)
+    storage_options: dict | None = None
+    validate_hash: str | None = "xxh64"  # released data records no hashes: the index digest covers it
+
+
 def _checked_stream_class():
     streaming = import_streaming()
 
     class CheckedStream(streaming.Stream):
-        """A Stream that remembers which shard failed (a checksum, a zstd frame) and how."""
+        """A Stream that remembers which shard failed (a checksum, a zstd frame) and how, and that
+        fetches folders read in place through fsspec (requester pays, pinned hf:// revisions)."""
+
+        storage_options: dict | None = None
 
         def prepare_shard(self, shard):
             try:
@@ -111,27 +128,54 @@ def _checked_stream_class():
                 _SHARD_FAILURES.append(f"{self.remote}/{names}: the shard is damaged ({why})")
                 raise
 
+        def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
+            if self.storage_options is None or self.remote is None:
+                return super()._download_file(from_basename, to_basename)
+            from prolong.data.remote import get_file, join
+
+            local = os.path.join(self.local, self.split, to_basename or from_basename)
+            if not os.path.exists(local):
+                get_file(join(join(self.remote, self.split), from_basename), local, self.storage_options)
+            return local
+
     return CheckedStream
 
 
-def mixture_dataset(store, run: str, data_stage: str, keys_and_proportions: list[tuple[StreamKey, float]], *,
-                    cache_dir: Path, seed: int, batch_size: int, epoch_size: int, replication: int | None = None):
-    """A StreamingDataset over a stage's streams in the given proportions.
+def folder_stream(source: StreamSource, cache_dir: Path):
+    stream = _checked_stream_class()(remote=source.uri, local=str(cache_dir / source.name),
+                                     proportion=source.proportion, validate_hash=source.validate_hash)
+    stream.storage_options = source.storage_options
+    return stream
+
+
+def mixture_dataset(sources: list[StreamSource], *, cache_dir: Path, seed: int, batch_size: int, epoch_size: int,
+                    replication: int | None = None, cache_limit: str | None = None):
+    """A StreamingDataset over a stage's streams in their proportions.
 
     ``epoch_size`` is the stage's total number of sequences, so one epoch is the whole stage and the
     per-stream counts follow the proportions exactly; ``replication`` makes groups of ranks (a
-    sequence-parallel group) read the same samples. Every shard is checked against the xxh64 its
-    index records (the index itself was checked against the data manifest) as it is fetched, so a
-    shard damaged after the check before training is never trained on either.
+    sequence-parallel group) read the same samples. Every shard of our own data is checked against
+    the xxh64 its index records (the index itself was checked against the data manifest) as it is
+    fetched, so a shard damaged after the check before training is never trained on either.
     """
     streaming = import_streaming()
-    stream = _checked_stream_class()
     # The store is always the `remote` (a local store too): streaming decompresses shards into its
     # `local` cache, and the store's files must stay exactly as the data manifest hashed them.
-    streams = [stream(remote=store.uri(stream_rel(run, key, data_stage)), local=str(cache_dir / key.name), proportion=proportion,
-                      validate_hash="xxh64") for key, proportion in keys_and_proportions]
+    streams = [folder_stream(s, cache_dir) for s in sources]
     return streaming.StreamingDataset(streams=streams, epoch_size=epoch_size, batch_size=batch_size, shuffle=True,
-                                      shuffle_seed=seed, replication=replication, allow_unsafe_types=False)
+                                      shuffle_seed=seed, replication=replication, allow_unsafe_types=False,
+                                      cache_limit=cache_limit)
+
+
+def folder_samples(source: StreamSource, cache_dir: Path, which: Callable[[int], Iterable[int]] | None = None):
+    """(number of samples, an iterator of (i, sample)) of one folder in order: all of them, or those
+    ``which(number of samples)`` picks (only their shards are fetched)."""
+    streaming = import_streaming()
+    ds = streaming.StreamingDataset(streams=[folder_stream(source, cache_dir)], shuffle=False, batch_size=1,
+                                    allow_unsafe_types=False)
+    n = ds.num_samples
+    picked = range(n) if which is None else sorted({i for i in which(n) if 0 <= i < n})
+    return n, ((i, ds[i]) for i in picked)
 
 
 def data_errors(batches, fix: str):

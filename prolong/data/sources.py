@@ -18,10 +18,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from prolong import assets
-from prolong.config import DomainConfig, FileSource, HFSource, RepoSource
+from prolong.config import DomainConfig, FileSource, HFSource, MDSSource, RepoSource
 from prolong.errors import DataError
 
 
@@ -30,6 +30,7 @@ class Document:
     id: str
     text: str | None = None
     messages: tuple[dict, ...] | None = None
+    ids: Any = None  # already tokenized (an `mds` source): token ids without BOS/EOS
 
 
 def _seeded(seed: int, key: str) -> random.Random:
@@ -218,6 +219,35 @@ def _rows(rows: Iterator[tuple[str, dict]], src: FileSource | HFSource, kind: st
         yield Document(id=key, text="\n\n".join(text for _, text in parts))
 
 
+# ---------------------------------------------------------------- tokenized MDS
+
+
+def _mds_documents(src: MDSSource, where: str) -> Iterator[Document]:
+    """One document per sample of an MDS folder of tokenized documents (ProLong's data_before_packing)."""
+    import tempfile
+
+    import numpy as np
+
+    from prolong.data import remote
+    from prolong.data.mds import StreamSource, folder_samples
+
+    uri = remote.local_path(src.path) if assets.is_builtin(src.path) else remote.with_revision(src.path, src.revision)
+    _, index = remote.read_index(uri, src.storage_options, what=f"{where}.path")
+    for shard in index["shards"]:
+        columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+        if src.field not in columns:
+            raise DataError(f"{where}.field: {uri} has no column {src.field!r} (columns: {', '.join(columns)})")
+        if not columns[src.field].startswith("ndarray:") or "float" in columns[src.field]:
+            raise DataError(f"{where}.field: {uri}'s {src.field} is {columns[src.field]}, not token ids")
+    with tempfile.TemporaryDirectory(prefix="prolong-mds-source-") as cache:
+        _, samples = folder_samples(StreamSource("source", uri, 1.0, dict(src.storage_options), None), Path(cache))
+        for i, sample in samples:
+            ids = np.asarray(sample[src.field])
+            if "length" in sample and sample["length"] is not None and int(sample["length"]) != len(ids):
+                raise DataError(f"{uri} sample {i}: length says {int(sample['length'])}, {src.field} has {len(ids)}")
+            yield Document(id=f"{uri}#{i}", ids=ids)
+
+
 def iter_documents(name: str, domain: DomainConfig, seed: int, where: str | None = None) -> Iterator[Document]:
     """Documents of one domain, in a deterministic order, up to ``max_documents``; ``where`` names
     the source's config field in errors."""
@@ -229,6 +259,11 @@ def iter_documents(name: str, domain: DomainConfig, seed: int, where: str | None
         docs = _repo_documents(src, where, seed)
     elif isinstance(src, FileSource):
         docs = _rows(_file_rows(src, where), src, domain.kind, where, seed)
+    elif isinstance(src, MDSSource):
+        if domain.kind == "sft":
+            raise DataError(f"{where}.type: tokenized documents carry no chat turns to mask; an sft domain "
+                            "reads chats (files, hf) or packed SFT folders (kind: packed)")
+        docs = _mds_documents(src, where)
     else:
         docs = _rows(_hf_rows(src, where), src, domain.kind, where, seed)
     for i, doc in enumerate(docs):

@@ -93,6 +93,28 @@ class DocumentTokenizer:
             out.append(TokenizedDoc(ids=ids))
         return out
 
+    def encode_ids(self, doc: Document) -> TokenizedDoc:
+        """A document tokenized elsewhere (no BOS/EOS, as ProLong's data_before_packing) gets the BOS/EOS
+        a text document gets — after a check that its ids are this tokenizer's."""
+        ids = np.asarray(doc.ids)
+        vocab = len(self.tok)
+        if ids.ndim != 1 or (ids.dtype.kind not in "iu"):
+            raise DataError(f"{doc.id}: token ids are {ids.dtype} of shape {ids.shape}, not a list of integers")
+        if len(ids) and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise DataError(f"{doc.id}: token id {bad} is outside the vocabulary of {self.ref} ({vocab} tokens); "
+                            "the documents were tokenized with another tokenizer")
+        if len(ids) and ((self.bos is not None and int(ids[0]) == self.bos) or int(ids[-1]) == self.eos):
+            raise DataError(f"{doc.id}: the document already has BOS/EOS ids ({self.bos}/{self.eos}) of {self.ref}; "
+                            "tokenized sources hold documents without them (they are added here)")
+        head = 1 if self.bos is not None else 0
+        out = np.empty(len(ids) + head + 1, dtype=np.uint32)
+        if head:
+            out[0] = self.bos
+        out[head:-1] = ids
+        out[-1] = self.eos
+        return TokenizedDoc(ids=out)
+
     def encode_chats(self, docs: list[Document], workers: int = 0) -> Iterator[TokenizedDoc]:
         """`encode_chat` over many conversations, in order, on `workers` processes (0: all cores)."""
         workers = workers or os.cpu_count() or 1

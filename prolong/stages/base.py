@@ -9,6 +9,7 @@ A recipe is a graph of named stages (prolong.recipe); each stage is an instance 
 * ``needs`` — the job it runs as: one process or one per device, one node or all, GPUs or not;
 * ``entry`` — the job-side function, ``"module:function"``, called in the job as
   ``function(recipe, store, run, stage, *extra)``; the orchestrator never imports it;
+* :meth:`parts` — optionally, the parts its work splits into, run as parallel jobs and merged;
 * :meth:`check` — what can be checked before the run starts (prolong.preflight);
 * :meth:`headline` — one line of its headline metrics for tables and logs.
 
@@ -99,6 +100,11 @@ class Stage:
         return digest(self.config_slice())
 
     # ------------------------------------------------------------ around its job
+    def parts(self) -> list[str]:
+        """Names of the jobs its work splits into, run side by side before a merge job (its entry
+        called with ``part NAME``, then ``merge``); none: one job."""
+        return []
+
     def check(self, ctx, reruns: set[str]) -> None:
         """Everything that can be checked before the run starts (``reruns``: the stages that run
         in this run, whose outputs cannot be checked yet); raise a one-line ProlongError."""

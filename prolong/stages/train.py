@@ -8,16 +8,15 @@ Runs as a torchrun job with one process per device on every node of the job.
 from __future__ import annotations
 
 from prolong import checks
-from prolong.config import format_tokens
 from prolong.config.train import TrainStageConfig
 from prolong.errors import ConfigError, DataError, StoreError
 from prolong.fingerprint import model_fingerprint
 from prolong.integrity import outputs_under, verify_outputs
-from prolong import layout
 from prolong.layout import stage_prefix
 from prolong.manifest import read_manifest
 from prolong.parallel.dims import ParallelDims, job_ranks
 from prolong.stages.base import JobNeeds, Stage
+from prolong.stages.data import StreamsStage
 
 # model types whose positions are learned or ALiBi: θ cannot extend them
 _NO_ROPE = {"gpt2", "gpt_bigcode", "opt", "bloom", "mpt", "bert", "roberta", "t5"}
@@ -47,8 +46,8 @@ class TrainStage(Stage):
     def is_sft(self) -> bool:
         if self.cfg.objective != "auto":
             return self.cfg.objective == "sft"
-        return any(self.recipe.data.domains[c.domain].kind == "sft" for c in self.cfg.components()
-                   if c.domain in self.recipe.data.domains)
+        data = self.recipe.graph.nodes.get(self.cfg.data_from)
+        return isinstance(data, StreamsStage) and data.sft_mixture(self)
 
     def edges(self) -> dict[str, str]:
         out = {"data_from": self.cfg.data_from}
@@ -58,25 +57,10 @@ class TrainStage(Stage):
 
     def validate(self, graph) -> None:
         recipe, name, cfg = self.recipe, self.name, self.cfg
-        if recipe.data is None:
-            raise ValueError(f"{name}.mixture: needs the recipe's data section (data.domains)")
-        kinds = set()
-        for comp in cfg.components():
-            domain = recipe.data.domains.get(comp.domain)
-            where = f"{name}.mixture.{comp.domain}"
-            if domain is None:
-                raise ValueError(f"{where}: no such domain in data.domains")
-            if cfg.objective != "auto" and (cfg.objective == "sft") != (domain.kind == "sft"):
-                want = "sft" if cfg.objective == "sft" else "long or short"
-                raise ValueError(f"{where}: {name} needs {want} domains, {comp.domain} is {domain.kind}")
-            kinds.add(domain.kind == "sft")
-            if comp.doc_len is not None and domain.kind != "long":
-                raise ValueError(f"{where}: a document length (@) applies to long domains only")
-        if len(kinds) > 1:
-            raise ValueError(f"{name}.mixture: mixes sft domains with long/short ones; an SFT stage trains on "
-                             "chat data only (set objective: sft or pretrain to say which)")
-        if graph.nodes[cfg.data_from].kind != "data":
+        data = graph.nodes[cfg.data_from]
+        if not isinstance(data, StreamsStage):
             raise ValueError(f"{name}.data_from: {cfg.data_from!r} is not a data stage")
+        data.validate_mixture(self)
         if self.init != "model" and not graph.nodes[self.init].makes_model:
             raise ValueError(f"{name}.init_from: {self.init!r} is not an earlier stage of this recipe")
         if cfg.keep_optimizer_state and (self.init == "model" or recipe.stages[self.init].kind != "train"):
@@ -110,7 +94,7 @@ class TrainStage(Stage):
                 heads = config["num_attention_heads"]
                 dims.kv_expansion(heads, config.get("num_key_value_heads") or heads)
         # what it reads from stages that will not run again must still be as recorded (sizes: cheap)
-        reads = [(cfg.data_from, layout.stream(f"L{format_tokens(cfg.seq_len)}"))]
+        reads = [(cfg.data_from, self.recipe.stage(cfg.data_from).stored_streams(self.name))]
         if self.init != "model" and self.init not in reruns:
             reads.append((self.init, "hf"))
             m = read_manifest(ctx.store, ctx.run, self.init)

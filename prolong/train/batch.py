@@ -81,11 +81,13 @@ def shard_batches(batches, sp):
 
 
 def doc_lengths_of(sample: dict, seq_len: int) -> list[int]:
+    if sample.get("indices") is None:  # released packed data without spans: one document (ProLong's rule)
+        return [seq_len]
     spans = np.asarray(sample["indices"], dtype=np.int64).reshape(-1, 2)
     if len(spans) == 0 or spans[0, 0] != 0 or spans[-1, 1] != seq_len or np.any(spans[1:, 0] != spans[:-1, 1]) \
             or np.any(spans[:, 1] <= spans[:, 0]):
         raise DataError(f"sample of domain {sample.get('domain')!r}: document indices do not tile its "
-                        f"{seq_len} tokens; the data was not written by this version's data stage")
+                        f"{seq_len} tokens; re-run the stage that wrote or checked the data")
     return (spans[:, 1] - spans[:, 0]).tolist()
 
 

@@ -18,10 +18,9 @@ import torch
 
 from prolong import layout
 from prolong.config import TrainStageConfig
-from prolong.data.mds import data_errors, mixture_dataset, stage_streams
+from prolong.data.mds import data_errors, mixture_dataset
 from prolong.data.tokenize import load_tokenizer
-from prolong.errors import DataError, StageError
-from prolong.integrity import outputs_under, verify_outputs
+from prolong.errors import StageError
 from prolong.layout import stage_prefix
 from prolong.manifest import StageRecorder, read_manifest
 from prolong.model import attention
@@ -40,24 +39,6 @@ from prolong.train.preemption import StopOnSignal
 from prolong.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger(__name__)
-
-def verify_streams(store: Store, run: str, recipe: Recipe, stage: str, world: World) -> None:
-    """Every shard this stage reads, against the data manifest, before the first step: sizes always,
-    contents where the store is local (a remote store's shards are checked as they are fetched)."""
-    data = recipe.train_stage(stage).data_from
-
-    def check():
-        m = read_manifest(store, run, data)
-        for key, _ in stage_streams(recipe, stage):
-            sub = layout.stream(key.name)
-            entries = outputs_under(m.outputs, sub)
-            if not entries:
-                raise DataError(f"{stage}: the {data} manifest lists no stream {key.name}; re-run the data stage "
-                                f"with --from-stage {data}")
-            verify_outputs(store, stage_prefix(run, data), entries, content=store.is_local, error=DataError,
-                           fix=f"re-run the data stage with --from-stage {data}")
-
-    on_main(world, check)
 
 def _restore(ckpt: Checkpointer, rec: StageRecorder, engine: Engine, recipe: Recipe, run: str, stage: str):
     """Resume this stage from its newest checkpoint made for the same inputs, or — on a fresh
@@ -141,12 +122,15 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
         resumed_from, state, loader_state, scheduler_state = _restore(ckpt, rec, engine, recipe, run, stage)
         if scheduler_state:
             engine.scheduler.load_state_dict(scheduler_state)
-        verify_streams(store, run, recipe, stage, world)
+        data = recipe.stage(cfg.data_from)
+        on_main(world, lambda: data.verify_streams(store, run, stage))  # before the first step, what it reads
         if world.is_main:
             rec.invalidate()  # only now, with every input checked: a failed start changes nothing
 
-        dataset = mixture_dataset(store, run, cfg.data_from, stage_streams(recipe, stage), cache_dir=scratch / "streams",
-                                  seed=seed,
+        cache = recipe.jobs.stream_cache
+        cache_dir = Path(cache.dir).expanduser() / f"{scratch.name}" if cache.dir else scratch / "streams"
+        dataset = mixture_dataset(data.stream_sources(store, run, stage), cache_dir=cache_dir, seed=seed,
+                                  cache_limit=cache.limit,
                                   batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size,
                                   replication=cfg.sequence_parallel if sp is not None else None)
         if loader_state:
@@ -177,3 +161,5 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
             _finish(rec, store, trainer, cfg, resumed_from, tmp / "hf", accumulation, world)
         ckpt.close()
         remove_scratch(world, scratch)
+        if cache.dir:
+            remove_scratch(world, cache_dir)
