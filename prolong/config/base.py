@@ -43,6 +43,17 @@ Tokens = Annotated[int, BeforeValidator(parse_tokens), Field(gt=0)]
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # fields added after runs were recorded with this config: left out of the digest while at their
+    # default, so a new release's new option does not make finished stages look changed
+    ADDED_LATER: ClassVar[frozenset[str]] = frozenset()
+
+    def digest_dump(self, exclude: set[str] = frozenset()) -> dict:
+        """The config as a stage's digest covers it (``exclude``: fields covered otherwise)."""
+        out = self.model_dump(mode="json", exclude={"kind", *exclude})
+        for name in self.ADDED_LATER:
+            if name in out and getattr(self, name) == type(self).model_fields[name].default:
+                del out[name]
+        return out
 
 
 class StageConfig(_Config):
@@ -50,15 +61,4 @@ class StageConfig(_Config):
     (prolong.stages) has its own subclass with ``kind`` a Literal of its name."""
 
     kind: str
-    # fields added after runs were recorded with this config: left out of the digest while at their
-    # default, so a new release's new option does not make finished stages look changed
-    ADDED_LATER: ClassVar[frozenset[str]] = frozenset()
-
-    def digest_dump(self, exclude: set[str] = frozenset()) -> dict:
-        """The config as its stage's digest covers it (``exclude``: fields covered otherwise)."""
-        out = self.model_dump(mode="json", exclude={"kind", *exclude})
-        for name in self.ADDED_LATER:
-            if name in out and getattr(self, name) == type(self).model_fields[name].default:
-                del out[name]
-        return out
 

@@ -18,6 +18,34 @@ class OptimConfig(_Config):
     grad_clip: float = Field(default=1.0, gt=0)
 
 
+class RopeScalingConfig(_Config):
+    """RoPE scaling beside θ, as transformers implements it: ``linear`` (position interpolation,
+    LongLoRA's: factor = target length / original), ``dynamic`` (NTK), ``yarn``, ``llama3``."""
+
+    type: Literal["linear", "dynamic", "yarn", "llama3"]
+    factor: float = Field(gt=0)
+    # the length the base model was trained at (dynamic, yarn, llama3); default: its config's
+    original_max_position_embeddings: int | None = Field(default=None, gt=0)
+    low_freq_factor: float | None = Field(default=None, gt=0)  # llama3
+    high_freq_factor: float | None = Field(default=None, gt=0)  # llama3
+    beta_fast: float | None = Field(default=None, gt=0)  # yarn
+    beta_slow: float | None = Field(default=None, gt=0)  # yarn
+    attention_factor: float | None = Field(default=None, gt=0)  # yarn
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type == "llama3" and (self.low_freq_factor is None or self.high_freq_factor is None):
+            raise ValueError("llama3 scaling needs low_freq_factor and high_freq_factor (Llama-3.1: 1 and 4)")
+        return self
+
+    def parameters(self, original_max_position_embeddings: int | None = None) -> dict:
+        """transformers' rope parameters (``rope_type`` and its fields)."""
+        out = {"rope_type": self.type, **self.model_dump(exclude={"type"}, exclude_none=True)}
+        if self.type != "linear" and "original_max_position_embeddings" not in out and original_max_position_embeddings:
+            out["original_max_position_embeddings"] = original_max_position_embeddings
+        return out
+
+
 class MixtureComponent(_Config):
     """One stream of a stage: a domain, and for long domains the document length it is cut to."""
 
@@ -32,6 +60,7 @@ class TrainStageConfig(StageConfig):
     kind: Literal["train"] = "train"
     seq_len: Tokens
     rope_theta: float = Field(gt=0)
+    rope_scaling: RopeScalingConfig | None = None  # none: θ alone (ProLong); linear: LongLoRA's interpolation
     steps: int = Field(gt=0)
     batch_tokens: Tokens  # global batch; accumulation = batch_tokens / (seq_len · micro_batch · dp)
     micro_batch_size: int = Field(default=1, gt=0)
@@ -53,6 +82,7 @@ class TrainStageConfig(StageConfig):
     activation_checkpointing: bool = True
     compile: bool = False
     seed: int | None = None
+    ADDED_LATER = frozenset({"rope_scaling"})
 
     @property
     def global_batch_size(self) -> int:

@@ -10,6 +10,10 @@ kwargs. The model code stays untouched: we register one attention function with 
 * ``sdpa``  — PyTorch SDPA per document, short documents batched by padded length. Exact on any
   device, costs about Σ len² rather than L², and is the CPU path.
 
+Each backend attends causally within segments given as cumulative offsets; LongLoRA's S²-Attn
+(``s2_group_size``, training only) is two such segmentations, groups and half-shifted groups cut at
+document boundaries, for the two halves of the heads — so it runs on every backend.
+
 Registering our own name also makes transformers skip building a dense L×L mask (it only builds
 masks for the implementations it knows), which at 512K tokens would not fit in memory.
 """
@@ -123,7 +127,7 @@ def _sdpa_documents(q, k, v, cu: list[int], scale, groups: int) -> torch.Tensor:
     return out
 
 
-_flex = {"cu": None, "mask": None, "fn": None}
+_flex: dict = {"fn": None, "masks": {}}
 
 
 def _flex_documents(q, k, v, cu: torch.Tensor, scale, groups: int) -> torch.Tensor:
@@ -132,14 +136,17 @@ def _flex_documents(q, k, v, cu: torch.Tensor, scale, groups: int) -> torch.Tens
     if _flex["fn"] is None:  # uncompiled, flex_attention falls back to a slow reference path
         _flex["fn"] = torch.compile(flex_attention, dynamic=False)
     total = q.shape[1]
-    if _flex["cu"] is not cu:  # one block mask per micro-batch, shared by every layer
+    masks = _flex["masks"]  # one block mask per segmentation of a micro-batch (two with S²), shared by every layer
+    if id(cu) not in masks or masks[id(cu)][0] is not cu:
+        if len(masks) >= 2:
+            masks.clear()
         doc_ids = torch.bucketize(torch.arange(total, device=q.device), cu[1:].to(q.device), right=True)
 
         def document_causal(b, h, q_idx, kv_idx):
             return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx)
 
-        _flex.update(cu=cu, mask=create_block_mask(document_causal, None, None, total, total, device=q.device))
-    out = _flex["fn"](q[None], k[None], v[None], block_mask=_flex["mask"], scale=scale, enable_gqa=groups > 1)
+        masks[id(cu)] = (cu, create_block_mask(document_causal, None, None, total, total, device=q.device))
+    out = _flex["fn"](q[None], k[None], v[None], block_mask=masks[id(cu)][1], scale=scale, enable_gqa=groups > 1)
     return out[0]
 
 
@@ -152,8 +159,52 @@ def _flash_documents(q, k, v, cu: torch.Tensor, max_len: int, scale) -> torch.Te
     return o.transpose(0, 1)
 
 
+_s2: dict = {"key": None, "value": None}
+
+
+def s2_segments(cu: torch.Tensor, batch: int, length: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LongLoRA's shifted sparse attention as two segmentations of the flattened batch: groups of
+    ``group`` tokens from each sample's start, and groups shifted by half a group (for the second
+    half of the heads) — each cut further at document boundaries, so a token attends only within its
+    own document *and* its own group. The shifted groups' boundaries are offset, as in LongLoRA's
+    flash-attn variant, rather than the sequence rolled: nothing wraps around a sample's end."""
+    if _s2["key"] == (id(cu), batch, length, group) and _s2["value"][0] is cu:
+        return _s2["value"][1]  # every layer of one micro-batch asks again
+    starts = (torch.arange(batch) * length)[:, None]
+    base = cu.detach().cpu().long()
+
+    def cut_at(offsets: torch.Tensor) -> torch.Tensor:
+        return torch.unique(torch.cat([base, (starts + offsets[None]).flatten()])).to(torch.int32).to(cu.device)
+
+    out = cut_at(torch.arange(0, length, group)), cut_at(torch.arange(group // 2, length, group))
+    _s2.update(key=(id(cu), batch, length, group), value=(cu, out))
+    return out
+
+
+def _attend(q, k, v, cu: torch.Tensor, max_len: int, scale) -> torch.Tensor:
+    """[heads, tokens, dim] → [heads, tokens, dim], causal within each segment of ``cu`` (``max_len``:
+    at least the longest segment)."""
+    backend, groups = _state["backend"], q.shape[0] // k.shape[0]
+    if backend == "flash":
+        return _flash_documents(q, k, v, cu, max_len, scale)
+    if backend == "flex":
+        return _flex_documents(q, k, v, cu, scale, groups)
+    return _sdpa_documents(q, k, v, cu.tolist(), scale, groups)
+
+
+def _s2_attend(q, k, v, cu: torch.Tensor, batch: int, length: int, group: int, scale) -> torch.Tensor:
+    plain, shifted = s2_segments(cu, batch, length, group)
+    heads, kv_heads = q.shape[0], k.shape[0]
+    if kv_heads % 2:  # grouped KV heads that do not split in two: one KV head per query head
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))
+        kv_heads = heads
+    h, kh = heads // 2, kv_heads // 2
+    return torch.cat([_attend(q[:h], k[:kh], v[:kh], plain, group, scale),
+                      _attend(q[h:], k[kh:], v[kh:], shifted, group, scale)], dim=0)
+
+
 def document_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                       cu_seq_lens_q=None, max_length_q=None, sequence_parallel=None, **kwargs):
+                       cu_seq_lens_q=None, max_length_q=None, sequence_parallel=None, s2_group_size=None, **kwargs):
     """transformers attention function: [batch, heads, len, dim] in → [batch, len, heads, dim] out.
 
     With ``sequence_parallel`` the inputs hold this rank's chunk of the sequence; the object's
@@ -171,16 +222,14 @@ def document_attention(module, query, key, value, attention_mask=None, scaling=N
         return out.transpose(1, 2).contiguous(), None
     if key.shape[2] != length:
         raise RuntimeError("document attention does not support a KV cache; call the model with use_cache=False")
-    groups = heads // key.shape[1]
     # [batch, heads, len, dim] → [heads, batch·len, dim]: documents are spans of the flattened batch
     q, k, v = (t.transpose(0, 1).reshape(t.shape[1], batch * length, dim) for t in (query, key, value))
-    backend = _state["backend"]
-    if backend == "flash":
-        o = _flash_documents(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)
-    elif backend == "flex":
-        o = _flex_documents(q, k, v, cu_seq_lens_q, scaling, groups)
+    if s2_group_size:
+        if sequence_parallel is not None:
+            raise RuntimeError("S²-Attn does not combine with sequence parallelism")
+        o = _s2_attend(q, k, v, cu_seq_lens_q, batch, length, int(s2_group_size), scaling)
     else:
-        o = _sdpa_documents(q, k, v, cu_seq_lens_q.tolist(), scaling, groups)
+        o = _attend(q, k, v, cu_seq_lens_q, int(max_length_q) if max_length_q is not None else length, scaling)
     o = o.reshape(heads, batch, length, dim).transpose(0, 1)  # [batch, heads, len, dim]
     if sequence_parallel is not None:
         o = sequence_parallel.heads_to_seq(o)  # back to this rank's chunk, all heads

@@ -9,7 +9,7 @@ import torch
 from prolong import assets
 from prolong.errors import ConfigError
 from prolong.model import attention
-from prolong.model.rope import set_rope_theta, uses_rope
+from prolong.model.rope import set_rope_scaling, set_rope_theta, uses_rope
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -36,7 +36,8 @@ def check_long_context(config, ref: str, rope_theta: float, seq_len: int | None,
 
 
 def load_model(ref: str, *, rope_theta: float, seq_len: int | None = None, dtype: str = "bfloat16",
-               revision: str | None = None, device: torch.device | str = "cpu", field: str = "model"):
+               revision: str | None = None, device: torch.device | str = "cpu", field: str = "model",
+               rope_scaling=None):
     """An HF causal LM with θ written into its config and document-masked attention registered.
 
     The model stays a plain transformers model: parallelism is applied afterwards by
@@ -46,8 +47,11 @@ def load_model(ref: str, *, rope_theta: float, seq_len: int | None = None, dtype
 
     path = assets.resolve(ref)
     config = load_config(ref, revision)
+    original = getattr(config, "max_position_embeddings", None)  # before it grows to the stage's length
     check_long_context(config, ref, rope_theta, seq_len, field)
     set_rope_theta(config, rope_theta)
+    # ``rope_scaling``: a RopeScalingConfig; the stage's, or none (any earlier stage's is replaced)
+    set_rope_scaling(config, rope_scaling.parameters(original) if rope_scaling is not None else None)
     config.use_cache = False  # a KV cache in training would silently break document isolation
     impl = attention.register()
     try:
@@ -55,6 +59,7 @@ def load_model(ref: str, *, rope_theta: float, seq_len: int | None = None, dtype
                                                      attn_implementation=impl)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load model {ref!r} ({str(e).splitlines()[0]})") from None
-    log.info("loaded %s (%s, %.1fM parameters), rope θ=%g", ref, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, rope_theta)
+    log.info("loaded %s (%s, %.1fM parameters), rope θ=%g%s", ref, type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, rope_theta,
+             f", scaling {rope_scaling.type} ×{rope_scaling.factor:g}" if rope_scaling is not None else "")
     return model.to(device)

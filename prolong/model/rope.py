@@ -1,6 +1,7 @@
 """RoPE base frequency (θ): the one place that reads and writes it on an HF config.
 
-ProLong raises θ from Llama-3's 5e5 to 8e6 for 64K training and to 1.28e8 for 512K (Table 9).
+ProLong raises θ from Llama-3's 5e5 to 8e6 for 64K training and to 1.28e8 for 512K (Table 9);
+LongLoRA keeps θ and interpolates positions (linear RoPE scaling) — both are set here.
 transformers ≥ 5 keeps θ in ``config.rope_parameters`` (per layer type for hybrid models);
 earlier versions in ``config.rope_theta``. θ must be set *before* the model is built: the rotary
 embedding computes its inverse frequencies at construction.
@@ -37,6 +38,32 @@ def set_rope_theta(config, theta: float) -> None:
         d["rope_theta"] = float(theta)
     if not dicts or hasattr(config, "rope_theta"):
         config.rope_theta = float(theta)
+
+
+def set_rope_scaling(config, parameters: dict | None) -> None:
+    """RoPE scaling (``{"rope_type": "linear", "factor": 8}`` ...) or none, with θ kept: each stage's
+    recipe decides both, so a stage without scaling resets what an earlier stage's model carried."""
+    parameters = dict(parameters or {"rope_type": "default"})
+    dicts = _param_dicts(config)
+    for d in dicts:
+        theta = d.get("rope_theta")
+        d.clear()
+        d.update(parameters)
+        if theta is not None:
+            d["rope_theta"] = theta
+    if not dicts:  # transformers 4's form
+        kind = parameters.pop("rope_type")
+        config.rope_scaling = None if kind == "default" else {"type": kind, "rope_type": kind, **parameters}
+
+
+def get_rope_scaling(config) -> dict | None:
+    """The scaling a config carries (``rope_type`` and its fields, θ left out), or None."""
+    dicts = _param_dicts(config)
+    if dicts:
+        params = {k: v for k, v in dicts[0].items() if k != "rope_theta"}
+        return None if params.get("rope_type", "default") == "default" else params
+    scaling = getattr(config, "rope_scaling", None)
+    return dict(scaling) if scaling else None
 
 
 def model_rope_theta(model) -> float:

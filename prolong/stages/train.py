@@ -61,6 +61,13 @@ class TrainStage(Stage):
         if not isinstance(data, StreamsStage):
             raise ValueError(f"{name}.data_from: {cfg.data_from!r} is not a data stage")
         data.validate_mixture(self)
+        try:
+            group = recipe.model.s2_group_size(cfg.seq_len)
+        except ValueError as e:
+            raise ValueError(f"{name}.seq_len: {e}") from None
+        if group is not None and cfg.sequence_parallel > 1:
+            raise ValueError(f"{name}.sequence_parallel: S²-Attn (model.attention_pattern: s2) attends within groups "
+                             "on one device; use sequence_parallel: 1")
         if self.init != "model" and not graph.nodes[self.init].makes_model:
             raise ValueError(f"{name}.init_from: {self.init!r} is not an earlier stage of this recipe")
         if cfg.keep_optimizer_state and (self.init == "model" or recipe.stages[self.init].kind != "train"):
@@ -72,7 +79,7 @@ class TrainStage(Stage):
         out = {"stage": self.cfg.digest_dump(exclude={"data_from", "objective"}),
                "init_from": self.init, "seed": self.recipe.seed, "parallel": r["parallel"]}
         if self.init == "model":
-            out["model"] = r["model"]
+            out["model"] = self.recipe.model.digest_dump()
             out["model_fingerprint"] = model_fingerprint(self.recipe.model.path, self.recipe.model.revision)
         else:
             out["dtype"] = r["model"]["dtype"]
@@ -90,6 +97,9 @@ class TrainStage(Stage):
                 raise ConfigError(f"{self.name}.rope_theta: model {recipe.model.path!r} "
                                          f"({config['model_type']}) has no rotary position embedding; "
                                          "long-context training needs a RoPE model")
+            if recipe.model.attention_pattern == "s2" and config.get("num_attention_heads", 2) % 2:
+                raise ConfigError(f"model.attention_pattern: S²-Attn shifts half of the heads; {recipe.model.path!r} "
+                                  f"has {config['num_attention_heads']}")
             if dims.sp > 1 and "num_attention_heads" in config:
                 heads = config["num_attention_heads"]
                 dims.kv_expansion(heads, config.get("num_key_value_heads") or heads)

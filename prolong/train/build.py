@@ -49,13 +49,18 @@ def build_stage(recipe: Recipe, store: Store, run: str, stage: str, world: World
     init = recipe.init_source(stage)
     model_ref = recipe.model.path if init == "model" else upstream_model_dir(store, run, init, world, scratch)
     # fp32 parameters: the master weights AdamW updates; parallelize() sets the bf16 compute
-    lm = load_model(model_ref, rope_theta=cfg.rope_theta, seq_len=cfg.seq_len, dtype="float32",
+    lm = load_model(model_ref, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, seq_len=cfg.seq_len,
+                    dtype="float32",
                     revision=recipe.model.revision if init == "model" else None, device=world.device, field=stage)
     attention.select_backend(recipe.model.attention, world.device)
     if sp is not None:
         check_model_heads(lm.config, dims)
-    engine = build_engine(TrainingLM(lm, cfg.loss_chunk_size), cfg, recipe.parallel, world, DTYPES[recipe.model.dtype],
-                          accumulation=accumulation)
+    group = recipe.model.s2_group_size(cfg.seq_len)
+    if group is not None:
+        log.info("%s: S²-Attn while training, groups of %d tokens (half of the heads shifted by %d)", stage, group,
+                 group // 2)
+    engine = build_engine(TrainingLM(lm, cfg.loss_chunk_size, s2_group_size=group), cfg, recipe.parallel, world,
+                          DTYPES[recipe.model.dtype], accumulation=accumulation)
     return Built(lm, engine, dims, accumulation, sp)
 
 

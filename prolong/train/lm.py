@@ -15,10 +15,12 @@ from prolong.train.loss import chunked_cross_entropy_sum
 
 
 class TrainingLM(nn.Module):
-    def __init__(self, lm: nn.Module, loss_chunk_size: int = 8192):
+    def __init__(self, lm: nn.Module, loss_chunk_size: int = 8192, s2_group_size: int | None = None):
         super().__init__()
         self.lm = lm
         self.loss_chunk_size = loss_chunk_size
+        # LongLoRA's S²-Attn while training (prolong.model.attention); evaluation never passes it
+        self.attention_kwargs = {"s2_group_size": s2_group_size} if s2_group_size else {}
         self.autocast_dtype: torch.dtype | None = None  # set by parallelize() when FSDP does not cast
 
     @property
@@ -29,6 +31,7 @@ class TrainingLM(nn.Module):
         """Σ token cross-entropy of the micro-batch (the trainer divides by the global token count)."""
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            hidden = self.backbone(input_ids=input_ids, use_cache=False, **layout.model_kwargs()).last_hidden_state
+            hidden = self.backbone(input_ids=input_ids, use_cache=False, **layout.model_kwargs(),
+                                   **self.attention_kwargs).last_hidden_state
             weight = self.lm.get_output_embeddings().weight
             return chunked_cross_entropy_sum(hidden, weight, targets, self.loss_chunk_size)

@@ -143,7 +143,8 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
                 if world.is_main else None
             ckpt.save(trainer.state.step, engine,
                       {**trainer.state_dict(), "loader": loader_pos, "input_key": rec.input_key, "engine": engine.name,
-                       "rope_theta": cfg.rope_theta, "seq_len": cfg.seq_len})
+                       "rope_theta": cfg.rope_theta, "seq_len": cfg.seq_len,
+                       "rope_scaling": cfg.rope_scaling.parameters() if cfg.rope_scaling else None})
 
         meter = Throughput(FlopCounter.for_model(lm), peak_flops(world.device, recipe.jobs.peak_tflops), cfg.seq_len,
                            world.world_size)
