@@ -68,7 +68,7 @@ def test_64k_and_512k_documents_are_distinct_and_proportions_are_followed(tmp_pa
     stages["stage1"]["mixture"] = {"books": 1.0}
     stages["stage2"]["mixture"] = {"books@2K": 0.5, "books@512": 0.5}
     stages["stage2"]["steps"] = 2
-    del stages["sft"], stages["eval"]
+    del stages["sft"], stages["eval"], stages["export"]
     recipe = recipe_from_dict(raw)
     store = Store(str(tmp_path / "runs"))
     store.write_json_atomic("r/recipe.json", raw)  # as the orchestrator does

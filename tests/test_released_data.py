@@ -326,9 +326,12 @@ def test_prolong_8b_released_names_the_scripts_folders_and_trains_as_prolong_8b(
 
 def test_the_tiny_released_recipe_trains_stage1_and_sft_straight_from_packed_folders(tmp_path, prefect_env):
     store = Store(str(tmp_path / "runs"))
+    cache = tmp_path / "stream-cache"
     out = prolong_cli("run", "recipes/tiny-released.yaml", "--store", store.url, "--set", "stage1.steps=8",
-                      "--set", "sft.steps=4", "--stages", "released,released_sft,stage1,sft", env=prefect_env)
+                      "--set", "sft.steps=4", "--stages", "released,released_sft,stage1,sft",
+                      "--set", f"jobs.stream_cache={{dir: {cache}, limit: 2gb}}", env=prefect_env)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert cache.is_dir() and not any(cache.iterdir())  # shards cached there while training, removed after
     for stage in ("released", "released_sft"):  # checked and recorded, nothing copied, no data preparation
         m = read_manifest(store, "tiny-released", stage)
         assert m.metrics["samples"] > 0 and not any(o["path"].startswith("streams/") for o in m.outputs)

@@ -108,9 +108,14 @@ def test_run_names_that_leave_the_store_are_refused_before_anything_is_touched(t
 def test_a_prefect_parameter_run_name_is_checked_by_the_flow_itself(tmp_path, prefect_env, monkeypatch):
     for key, value in prefect_env.items():
         monkeypatch.setenv(key, value)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.recipe import prolong_recipe
 
-    with pytest.raises(ConfigError, match="run_name: '../up' is not a valid name"):
+    # the running test server, also when an earlier test imported prefect's settings without it
+    # (prefect would otherwise start an ephemeral server, slow to come up on a loaded machine)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}), \
+            pytest.raises(ConfigError, match="run_name: '../up' is not a valid name"):
         prolong_recipe(recipe="recipes/tiny.yaml", run_name="../up", store=str(tmp_path / "store"))
     assert not (tmp_path / "store").exists() and not (tmp_path / "up").exists()
 

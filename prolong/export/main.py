@@ -22,6 +22,7 @@ from prolong.export.llama_cpp import convert, quantize, read_metadata
 from prolong.fingerprint import TOKENIZER_FILES
 from prolong.integrity import outputs_under, verify_outputs
 from prolong.layout import stage_prefix
+from prolong.progress import StageProgress
 from prolong.manifest import StageRecorder, git_state, read_manifest, read_manifest_at
 from prolong.model.rope import write_portable_config
 from prolong.recipe import Recipe, recipe_from_dict
@@ -141,11 +142,15 @@ def run_export_stage(recipe: Recipe, store: Store, run: str, stage: str, snapsho
     context = max(recipe.stages[s].seq_len for s in trained)
     name = cfg.name or recipe.name
     rec.invalidate()
+    progress = StageProgress(store, layout.progress(rec.prefix), stage, total=3, unit="parts")
     with tempfile.TemporaryDirectory(prefix="prolong-export-") as tmp_:
         tmp = Path(tmp_)
+        progress.update(0, phase=f"hf: {cfg.dtype} safetensors", force=True)
         src = _source_dir(store, model_rel, tmp)
         config = write_hf(src, tmp / "hf", cfg.dtype, cfg.max_shard_size, context)
+        progress.update(1, phase=f"gguf: {', '.join(cfg.gguf) or 'none'}")
         made = write_gguf(tmp / "hf", tmp / "gguf", name, cfg.gguf, cfg.pre_tokenizer, tmp / "export.log")
+        progress.update(2, phase="checks, model card, upload")
         checks = {f"gguf/{p.name}": check_gguf(p, theta, context, config["vocab_size"]) for p in made.values()}
         files = {f"hf/{p.relative_to(tmp / 'hf')}": {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted((tmp / "hf").rglob("*")) if p.is_file()}
@@ -167,3 +172,4 @@ def run_export_stage(recipe: Recipe, store: Store, run: str, stage: str, snapsho
                         "gguf": {t: files[f"gguf/{p.name}"]["bytes"] for t, p in made.items()}},
                artifacts={"hf_model": "hf", "gguf": {t: f"gguf/{p.name}" for t, p in made.items()},
                           "report": "report.md", "model_card": "hf/README.md"})
+    progress.finish()
