@@ -13,6 +13,9 @@ and artifacts in the UI. The rules live here:
 * otherwise the job runs; a training job resumes from the checkpoints of an unfinished attempt
   when they were made for the same input key, and refuses to touch ones made for other inputs;
 * a stage is finished only when its job succeeded *and* wrote a manifest with the expected key;
+* a stage whose kind splits its work into parts (a data stage by domain) runs each part as keyed
+  work of its own under ``{run}/.parts/{stage}/``, side by side, then its merge job as the stage's
+  work: a retry skips the parts that finished;
 * a job of an earlier attempt that still runs (its submitter was killed; Slurm jobs outlive it) is
   stopped, gracefully, before anything of its stage is moved or a new job is submitted, so two
   jobs never write one stage. ``{stage}/job.json`` records which job a stage's last attempt ran.
