@@ -338,3 +338,22 @@ def test_the_tiny_released_recipe_trains_stage1_and_sft_straight_from_packed_fol
     s1, sft = (read_manifest(store, "tiny-released", s) for s in ("stage1", "sft"))
     assert s1.metrics["steps"] == 8 and s1.metrics["loss_last10"] < s1.metrics["loss_first"]
     assert sft.metrics["steps"] == 4 and sft.upstream.keys() >= {"released_sft", "stage1"}
+
+
+def test_hf_folders_are_pinned_to_a_commit_in_huggingface_hubs_fsspec_syntax():
+    """(Resolving a branch to its commit asks the hub, which these machines cannot reach.)"""
+    from prolong.data.packed import _pinned
+    from prolong.data.remote import with_revision
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert _pinned("hf://datasets/princeton-nlp/prolong-data-64K/book-65536", sha) == (
+        f"hf://datasets/princeton-nlp/prolong-data-64K@{sha}/book-65536", sha)
+    recipe = load_recipe("recipes/prolong-8b-released.yaml")
+    assert recipe.stage("released_sft").folder_uri("prolong-ultrachat-64K", sha) == \
+        f"hf://datasets/princeton-nlp/prolong-ultrachat-64K@{sha}"
+    assert recipe.stage("released_512k").folder_uri("book-524288") == \
+        "hf://datasets/princeton-nlp/prolong-data-512K@main/book-524288"
+    with pytest.raises(DataError, match="pins a revision already"):
+        with_revision("hf://datasets/a/b@main/x", sha)
+    assert _pinned("s3://bucket/prolong-data-64K/book-65536", "main") == ("s3://bucket/prolong-data-64K/book-65536",
+                                                                         "main")

@@ -140,7 +140,7 @@ def run_packed_stage(recipe, store, run: str, stage: str) -> None:
             sft = {recipe.graph.nodes[s].is_sft for s in readers}
             if len(sft) > 1:
                 raise DataError(f"{where}: read by SFT and pretraining stages at once")
-            uri, revision = _pinned(node.folder_uri(folder, None), cfg.revision)
+            uri, revision = _pinned(remote.join(cfg.root, folder), cfg.revision)
             where = f"{where} ({uri})"
             raw, index = remote.read_index(uri, cfg.storage_options, what=where)
             check_columns(index, where, sft=sft.pop())
