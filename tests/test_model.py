@@ -48,10 +48,15 @@ def test_sdpa_document_backend_matches_a_dense_document_mask(lengths):
     out, _ = document_attention(GQA(), q, k, v, None, scaling=0.25, cu_seq_lens_q=layout.cu_seqlens,
                                 max_length_q=layout.max_seqlen)
     ref = dense_document_reference(q, k, v, lengths, 0.25).transpose(1, 2)
+    assert_same_outputs_and_gradients(out, ref, (q, k, v))
+
+
+def assert_same_outputs_and_gradients(out, ref, inputs) -> None:
+    """``out`` equals ``ref``, and so do their gradients with respect to ``inputs`` (a random projection)."""
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     weights = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    grads = torch.autograd.grad((out * weights).sum(), inputs, retain_graph=True)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), inputs, retain_graph=True)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

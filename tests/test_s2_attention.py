@@ -13,6 +13,7 @@ from prolong.errors import ConfigError
 from prolong.model import attention
 from prolong.model.attention import DocumentLayout, document_attention
 from prolong.recipe import load_recipe
+from tests.test_model import assert_same_outputs_and_gradients
 
 
 def s2_reference_mask(lengths: list[int], heads: int, group: int) -> torch.Tensor:
@@ -45,13 +46,7 @@ def test_s2_attention_equals_the_explicit_mask_in_outputs_and_gradients_with_pac
     attention.select_backend("sdpa")
     out, _ = document_attention(None, q, k, v, None, scaling=0.25, cu_seq_lens_q=layout.cu_seqlens,
                                 max_length_q=layout.max_seqlen, s2_group_size=group)
-    ref = reference(q, k, v, samples, group, 0.25)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    weights = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_same_outputs_and_gradients(out, reference(q, k, v, samples, group, 0.25), (q, k, v))
     # and it is not full attention: the last token of the 32-token document sees only its group
     full, _ = document_attention(None, q, k, v, None, scaling=0.25, cu_seq_lens_q=layout.cu_seqlens,
                                  max_length_q=layout.max_seqlen)

@@ -8,6 +8,7 @@ the deterministic shuffle, and — through its state dict — the exact resume p
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
@@ -109,6 +110,7 @@ class StreamSource:
     validate_hash: str | None = "xxh64"  # released data records no hashes: the index digest covers it
 
 
+@functools.lru_cache(maxsize=1)
 def _checked_stream_class():
     streaming = import_streaming()
 

@@ -169,12 +169,12 @@ def run_packed_stage(recipe, store, run: str, stage: str) -> None:
 
 
 def _recorded_signature(uri: str, options: dict, where: str) -> dict | None:
+    record = remote.join(uri, TOKENIZER_RECORD)
+    fs, path = remote.filesystem(record, options)
+    if not fs.exists(path):
+        return None
     try:
-        return json.loads(remote.read_bytes(remote.join(uri, TOKENIZER_RECORD), options, what=where))
-    except DataError as e:
-        if "does not exist" in str(e):
-            return None
-        raise
+        return json.loads(remote.read_bytes(record, options, what=where))
     except ValueError:
         raise DataError(f"{where}: {TOKENIZER_RECORD} is not JSON") from None
 

@@ -11,6 +11,7 @@ Torch-free: the orchestrator's checks use it before a run starts.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from prolong import assets
@@ -104,8 +105,6 @@ def read_index(folder_uri: str, extra: dict[str, Any] | None = None, *, what: st
 
 def get_file(uri: str, local: str, extra: dict[str, Any] | None = None) -> None:
     """Copy one remote file to a local path (written beside it, then renamed: never half a file)."""
-    import os
-
     fs, path = filesystem(uri, extra)
     tmp = f"{local}.part-{os.getpid()}"
     os.makedirs(os.path.dirname(local) or ".", exist_ok=True)

@@ -6,6 +6,7 @@ It writes every stream the training stages that read from it need (``data_from``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 from prolong import checks, layout
@@ -16,7 +17,7 @@ from prolong.fingerprint import tokenizer_fingerprint
 from prolong.stages.base import JobNeeds, Stage
 
 
-class StreamsStage(Stage):
+class StreamsStage(Stage, ABC):
     """A stage whose outputs are the streams training stages read (``data_from``): where each
     stream of a reader's mixture is, and how its files are checked before training."""
 
@@ -33,9 +34,9 @@ class StreamsStage(Stage):
         """With ``objective: auto``: whether ``train``'s mixture is chat data."""
         return False
 
+    @abstractmethod
     def stream_sources(self, store, run: str, train: str) -> list:
         """The ``prolong.data.mds.StreamSource`` of each entry of ``train``'s mixture (job side)."""
-        raise NotImplementedError
 
     def stored_streams(self, train: str) -> str:
         """The sub-folder of this stage's outputs that ``train`` reads (checked by sizes before a run)."""

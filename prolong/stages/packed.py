@@ -113,13 +113,14 @@ class PackedStage(StreamsStage):
 
         recorded = self._recorded(store, run)
         fix = f"re-run the {self.name} stage with --from-stage {self.name}"
+        outputs = read_manifest(store, run, self.name).outputs if any(
+            e.get("copied") for e in recorded.values()) else []
         for folder in self.recipe.train_stage(train).mixture:
             entry = recorded.get(folder)
             if entry is None:
                 raise DataError(f"{train}: the {self.name} stage did not check folder {folder}; {fix}")
             if entry.get("copied"):
-                m = read_manifest(store, run, self.name)
-                verify_outputs(store, layout.stage_prefix(run, self.name), outputs_under(m.outputs, entry["copied"]),
+                verify_outputs(store, layout.stage_prefix(run, self.name), outputs_under(outputs, entry["copied"]),
                                content=store.is_local, error=DataError, fix=fix)
                 continue
             raw, _ = read_index(entry["uri"], self.cfg.storage_options, what=f"{train}.mixture.{folder}")

@@ -128,7 +128,7 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
             rec.invalidate()  # only now, with every input checked: a failed start changes nothing
 
         cache = recipe.jobs.stream_cache
-        cache_dir = Path(cache.dir).expanduser() / f"{scratch.name}" if cache.dir else scratch / "streams"
+        cache_dir = Path(cache.dir).expanduser() / scratch.name if cache.dir else scratch / "streams"
         dataset = mixture_dataset(data.stream_sources(store, run, stage), cache_dir=cache_dir, seed=seed,
                                   cache_limit=cache.limit,
                                   batch_size=cfg.micro_batch_size, epoch_size=cfg.steps * cfg.global_batch_size,
