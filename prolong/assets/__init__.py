@@ -7,6 +7,7 @@ it needs from the Python standard library installed on this machine:
 * ``builtin:tiny-corpus/books.jsonl`` — one long document per module: its docstrings as a manual;
 * ``builtin:tiny-corpus/short.jsonl`` — short prose: the Python reference topics and class docs;
 * ``builtin:tiny-corpus/chat.jsonl`` — UltraChat-style ``messages`` asking what an API does;
+* ``builtin:tiny-corpus/longalpaca.jsonl`` — LongAlpaca-style rows: long QA over a manual, and short QA;
 * ``builtin:tiny-bpe`` — a byte-level BPE tokenizer trained on that corpus with ``tokenizers``;
 * ``builtin:tiny-llama`` — a randomly initialised Llama (a few M parameters) with that tokenizer;
 * ``builtin:tiny-lm-eval`` — an lm-eval multiple-choice task on local files;
@@ -33,7 +34,7 @@ from prolong.assets.stdlib_docs import stdlib_dir
 from prolong.errors import ConfigError
 from prolong.locks import file_lock
 
-ASSET_VERSION = "v2"  # v2: tiny-helmet has 10 passages at 1K (HELMET scores nDCG@10 from 10 on)
+ASSET_VERSION = "v3"  # v2: tiny-helmet has 10 passages at 1K (HELMET scores nDCG@10 from 10 on); v3: LongAlpaca rows
 PREFIX = "builtin:"
 
 
@@ -46,7 +47,7 @@ class Asset:
 
 ASSETS = {
     "tiny-corpus": Asset("prolong.assets.corpus:build_tiny_corpus",
-                         expected=("books.jsonl", "short.jsonl", "chat.jsonl")),
+                         expected=("books.jsonl", "short.jsonl", "chat.jsonl", "longalpaca.jsonl")),
     "tiny-bpe": Asset("prolong.assets.models:build_tiny_bpe", ("tiny-corpus",), ("tokenizer.json",)),
     "tiny-llama": Asset("prolong.assets.models:build_tiny_llama", ("tiny-bpe",),
                         ("config.json", "model.safetensors", "tokenizer.json")),

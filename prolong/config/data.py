@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from prolong.config.base import Tokens, _Config
 
@@ -94,6 +94,33 @@ class DomainConfig(_Config):
     kind: Literal["long", "short", "sft"]
     source: Source
     max_documents: int | None = Field(default=None, gt=0)
+    # sft: how a row becomes tokens. chat_template: the tokenizer's chat template, loss on assistant
+    # turns. longlora_llama2: LongLoRA's supervised-fine-tune.py — instruction/output rows in its Llama-2
+    # prompt, loss on the output and EOS; longlora_llama2_system: the same with the Llama-2 system
+    # prompt, as the script had it from 2023-11-02 to 2023-11-19 (prolong.data.sources.LONGLORA_PROMPTS).
+    prompt: Literal["chat_template", "longlora_llama2", "longlora_llama2_system"] = "chat_template"
+    # sft: long-QA filtering (LongLoRA issue #119: fine-tune on long QA only, LongAlpaca-12k's short QA
+    # removed): a row is dropped when its prompt text — instruction and input, or a chat's
+    # non-assistant turns — has fewer characters (before max_documents counts)
+    min_prompt_chars: int | None = Field(default=None, gt=0)
+    ADDED_LATER = frozenset({"prompt", "min_prompt_chars"})
+
+    @model_validator(mode="after")
+    def _sft_options(self):
+        for name in ("prompt", "min_prompt_chars"):
+            if self.kind != "sft" and getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"{name}: applies to sft domains only (this domain is {self.kind})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_later_fields(self, handler):
+        # The data stage's digest is the dump of `data:`: options added later stay out of it at their
+        # default, so the data of recipes written before them keeps its digest.
+        out = handler(self)
+        for name in self.ADDED_LATER:
+            if isinstance(out, dict) and getattr(self, name) == type(self).model_fields[name].default:
+                out.pop(name, None)
+        return out
 
 
 class DataConfig(_Config):

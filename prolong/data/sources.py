@@ -8,6 +8,9 @@ deterministic order; a document is either text or a chat (``messages``).
 
 Row sources (files, hf) can keep rows by field values (``where``: SlimPajama's book subset) and
 concatenate rows into one document per key (``group_by``: The Stack's files per repository).
+In sft domains, instruction/output rows (Alpaca, LongAlpaca) become chats, or — with a LongLoRA
+``prompt`` — a prompt and its answer in LongLoRA's Llama-2 format; ``min_prompt_chars`` keeps long
+QA only (LongLoRA issue #119).
 """
 
 from __future__ import annotations
@@ -31,6 +34,28 @@ class Document:
     text: str | None = None
     messages: tuple[dict, ...] | None = None
     ids: Any = None  # already tokenized (an `mds` source): token ids without BOS/EOS
+    # a prompt and its answer (a LongLoRA prompt): tokenized as LongLoRA does, the loss on the answer
+    prompt: str | None = None
+    answer: str | None = None
+
+
+# LongLoRA's Llama-2 prompts (supervised-fine-tune.py's PROMPT_DICT) as (rows without input, rows with
+# input). Without input the script uses prompt_llama2 since 2023-11-19 and prompt_no_input_llama2 (the
+# Llama-2 system prompt) from 2023-11-02; rows with a non-empty input use prompt_input_llama2 in both.
+_LLAMA2_SYSTEM = (
+    "[INST] <<SYS>>\n"
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering something "
+    "not correct. If you don't know the answer to a question, please don't share false information.\n"
+    "<</SYS>> \n\n"
+)
+LONGLORA_PROMPTS = {
+    "longlora_llama2": ("[INST]{instruction}[/INST]", _LLAMA2_SYSTEM + " {instruction} \n{input} [/INST]"),
+    "longlora_llama2_system": (_LLAMA2_SYSTEM + " {instruction} [/INST]",
+                               _LLAMA2_SYSTEM + " {instruction} \n{input} [/INST]"),
+}
 
 
 def _seeded(seed: int, key: str) -> random.Random:
@@ -114,16 +139,44 @@ def _field(row: dict, dotted: str):
     return value
 
 
-def _row_document(row: dict, src: FileSource | HFSource, kind: str, doc_id: str, where: str) -> Document:
+def _instruction_row(row: dict, doc_id: str, where: str) -> tuple[str, str, str]:
+    """(instruction, input, output) of an Alpaca-style row; ``input`` may be absent or null."""
+    for name in ("instruction", "output"):
+        if name not in row:
+            raise DataError(f"{doc_id}: no field {name!r}; instruction rows need instruction and output ({where})")
+    fields = {name: row.get(name) for name in ("instruction", "input", "output")}
+    fields["input"] = "" if fields["input"] is None else fields["input"]
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            kind = "null" if value is None else type(value).__name__
+            raise DataError(f"{doc_id}: field {name!r} must be a string, not {kind} ({where})")
+    return fields["instruction"], fields["input"], fields["output"]
+
+
+def _row_document(row: dict, src: FileSource | HFSource, kind: str, doc_id: str, where: str,
+                  prompt: str = "chat_template", min_prompt_chars: int | None = None) -> Document | None:
+    """The document of one row; None when ``min_prompt_chars`` drops it."""
     text = row.get(src.text_field)
     if kind != "sft" and not isinstance(text, str) and src.messages_field in row:
         kind = "sft"  # chat rows in a text domain (Tulu-v2 in ShortMix): rendered, trained on in full
     if kind == "sft":
         messages = row.get(src.messages_field)
-        if messages is None and "instruction" in row and "output" in row:  # LongAlpaca-style rows
-            messages = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+        if prompt != "chat_template" or (messages is None and "instruction" in row):  # Alpaca, LongAlpaca rows
+            instruction, input_, output = _instruction_row(row, doc_id, where)
+            if min_prompt_chars is not None and len(instruction) + len(input_) < min_prompt_chars:
+                return None
+            if prompt != "chat_template":
+                no_input, with_input = LONGLORA_PROMPTS[prompt]
+                source = (with_input if input_ else no_input).format_map({"instruction": instruction, "input": input_})
+                return Document(id=doc_id, prompt=source, answer=output)
+            user = f"{instruction}\n\n{input_}" if input_ else instruction
+            return Document(id=doc_id, messages=({"role": "user", "content": user},
+                                                 {"role": "assistant", "content": output}))
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise DataError(f"{doc_id}: field {src.messages_field!r} must be a list of {{role, content}} ({where})")
+        if min_prompt_chars is not None and sum(len(m["content"]) for m in messages if m["role"] != "assistant"
+                                                and isinstance(m["content"], str)) < min_prompt_chars:
+            return None
         return Document(id=doc_id, messages=tuple(messages))
     if not isinstance(text, str):
         raise DataError(f"{doc_id}: no text field {src.text_field!r} ({where}.text_field)")
@@ -190,13 +243,15 @@ def _hf_rows(src: HFSource, where: str) -> Iterator[tuple[str, dict]]:
         yield f"{src.name}#{n}", row
 
 
-def _rows(rows: Iterator[tuple[str, dict]], src: FileSource | HFSource, kind: str, where: str,
+def _rows(rows: Iterator[tuple[str, dict]], src: FileSource | HFSource, domain: DomainConfig, where: str,
           seed: int) -> Iterator[Document]:
     """Apply `where` filters and `group_by` concatenation to (id, row) pairs."""
     rows = ((i, r) for i, r in rows if all(_field(r, k) == v for k, v in src.where.items()))
     if src.group_by is None:
         for doc_id, row in rows:
-            yield _row_document(row, src, kind, doc_id, where)
+            doc = _row_document(row, src, domain.kind, doc_id, where, domain.prompt, domain.min_prompt_chars)
+            if doc is not None:
+                yield doc
         return
     # Grouping needs every row of a group: held in memory, keyed by the group value.
     groups: dict[str, list[tuple]] = {}
@@ -258,14 +313,14 @@ def iter_documents(name: str, domain: DomainConfig, seed: int, where: str | None
             raise DataError(f"{where}.type: a repos source cannot feed an sft domain")
         docs = _repo_documents(src, where, seed)
     elif isinstance(src, FileSource):
-        docs = _rows(_file_rows(src, where), src, domain.kind, where, seed)
+        docs = _rows(_file_rows(src, where), src, domain, where, seed)
     elif isinstance(src, MDSSource):
         if domain.kind == "sft":
             raise DataError(f"{where}.type: tokenized documents carry no chat turns to mask; an sft domain "
                             "reads chats (files, hf) or packed SFT folders (kind: packed)")
         docs = _mds_documents(src, where)
     else:
-        docs = _rows(_hf_rows(src, where), src, domain.kind, where, seed)
+        docs = _rows(_hf_rows(src, where), src, domain, where, seed)
     for i, doc in enumerate(docs):
         if domain.max_documents is not None and i >= domain.max_documents:
             return

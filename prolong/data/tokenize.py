@@ -2,7 +2,8 @@
 
 Text documents get BOS/EOS as the tokenizer defines them (a tokenizer without BOS, like Qwen2's,
 gets none; one without EOS is rejected: document ends must be visible to the model). Chats are
-rendered with the tokenizer's chat template; the loss mask covers assistant turns only.
+rendered with the tokenizer's chat template; the loss mask covers assistant turns only. A prompt and
+its answer (LongLoRA's SFT format) are tokenized as LongLoRA's supervised-fine-tune.py does.
 """
 
 from __future__ import annotations
@@ -134,14 +135,30 @@ class DocumentTokenizer:
         return self.tok.apply_chat_template(list(messages), chat_template=self.chat_template, tokenize=False,
                                             add_generation_prompt=add_generation_prompt)
 
+    def encode_prompt(self, doc: Document) -> TokenizedDoc:
+        """A prompt and its answer as LongLoRA's ``preprocess`` makes them: prompt + answer + the EOS
+        string tokenized as one text, with the special tokens the tokenizer adds itself (Llama-2's BOS;
+        none for a byte-level BPE), and no loss on its first n tokens, n being the prompt tokenized alone
+        and counted as LongLoRA counts it (tokens other than pad). Nothing is truncated here: packing
+        cuts a document at seq_len when it starts a sample, as LongLoRA truncates at model_max_length."""
+        ids = self.tok(doc.prompt + doc.answer + self.tok.eos_token)["input_ids"]
+        pad = self.tok.pad_token_id
+        n = sum(1 for t in self.tok(doc.prompt)["input_ids"] if t != pad)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        mask[n:] = 1
+        return TokenizedDoc(ids=np.asarray(ids, dtype=np.uint32), mask=mask)
+
     def encode_chat(self, doc: Document) -> TokenizedDoc:
-        """Render a conversation; the mask covers the tokens of each assistant turn.
+        """Render a conversation; the mask covers the tokens of each assistant turn (a prompt and its
+        answer go to :meth:`encode_prompt`).
 
         Assistant turns are located as character spans (the rendering of the conversation up to the
         turn, minus the rendering up to its generation prompt) and mapped to tokens by offsets, so
         any template works that renders conversation prefixes as text prefixes (all common ones
         do) — no `{% generation %}` markers needed. A token straddling a span edge is trained on.
         """
+        if doc.prompt is not None:
+            return self.encode_prompt(doc)
         messages = list(doc.messages)
         text = self._render(messages)
         spans = []
