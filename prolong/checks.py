@@ -107,6 +107,19 @@ def _gpus_visible() -> bool:
     return gpus.is_dir() and any(gpus.iterdir())
 
 
+def check_quantized_lora(recipe, field: str) -> None:
+    """QLoRA's NF4 base runs in bitsandbytes' CUDA kernels only."""
+    jobs = recipe.jobs
+    gpus = jobs.slurm.gpus_per_node > 0 if jobs.backend == "slurm" else _gpus_visible()
+    if not gpus:
+        where = "jobs.slurm.gpus_per_node is 0" if jobs.backend == "slurm" else "this machine has no GPU"
+        raise ConfigError(f"{field}: nf4 (QLoRA) quantizes the frozen base with bitsandbytes, which runs on GPUs "
+                          f"only, and {where}; remove lora.quantize to train the adapter on a 16-bit base")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{field}: nf4 needs the bitsandbytes package, which is not installed "
+                          "(pip install bitsandbytes)")
+
+
 def check_backends(recipe) -> None:
     jobs, attention = recipe.jobs, recipe.model.attention
     if attention in ("flash", "flex"):

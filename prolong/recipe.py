@@ -138,7 +138,7 @@ class Recipe(_Config):
                     if not makers:
                         raise ValueError(f"{name}.model_from: no stage declared before it makes a model")
                     cfg = cfg.model_copy(update={"model_from": makers[-1]})
-                if kind_cls.makes_model:
+                if kind_cls.makes_model_with(cfg):
                     makers.append(name)
             out[name] = cfg
         return out

@@ -40,7 +40,7 @@ def test_token_counts_parse_binary_suffixes():
     ("sft.init_from=eval", "sft.init_from: 'eval' is not an earlier stage of this recipe"),
     ("stage1.keep_optimizer_state=true", "stage1.keep_optimizer_state: needs init_from to name an earlier stage"),
     ("eval.model_from=stage9", "eval.model_from: 'stage9' is not a stage of this recipe"),
-    ("eval.model_from=data", "eval.model_from: 'data' is not a stage that makes a model (train, export)"),
+    ("eval.model_from=data", "eval.model_from: 'data' is not a stage that makes a model (train, merge, export)"),
     ("stage1.sequence_parallel=3", "stage1.sequence_parallel: 3 does not divide seq_len 512"),
     ("jobs.env={OPENAI_API_KEY: sk-1}", "jobs.env.OPENAI_API_KEY: looks like a credential"),
 ])

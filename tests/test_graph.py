@@ -60,7 +60,7 @@ def test_a_custom_graph_without_stage2_runs_end_to_end_with_a_stage_kind_of_its_
     ({"data": {"kind": "data"}, "a": {"kind": "train"}, "e": {"kind": "eval", "model_from": "nothing"}},
      "e.model_from: 'nothing' is not a stage of this recipe"),
     ({"data": {"kind": "data"}, "a": {"kind": "train"}, "e": {"kind": "eval", "model_from": "data"}},
-     "e.model_from: 'data' is not a stage that makes a model (train, export)"),
+     "e.model_from: 'data' is not a stage that makes a model (train, merge, export)"),
     ({"data": {"kind": "data"}, "a": {"kind": "tran"}}, "a.kind: unknown stage kind 'tran'"),
     ({"data": {"kind": "data"}, "../x": {"kind": "train"}}, "not a valid stage name"),
 ])

@@ -32,15 +32,26 @@ def context(tmp_path, run: str, overrides=OVERRIDES) -> RunContext:
     return ctx
 
 
+# stage1 as a LoRA stage (LongLoRA's LoRA+: adapters, embeddings and norms train); stage2 starts afresh
+LORA = [*OVERRIDES, "stage1.lora.r=8", "eval_stage1.model_from=stage2", "stage2.init_from=model",
+        "stage2.keep_optimizer_state=false"]
+
+
 def weights(ctx: RunContext) -> dict:
-    return load_file(str(ctx.store.local_path(f"{ctx.run}/stage1/hf/model.safetensors")))
+    """What stage1 leaves: its HF weights, or a LoRA stage's adapter and fully trained parameters."""
+    folder = ctx.store.local_path(f"{ctx.run}/stage1")
+    if (folder / "adapter").exists():
+        return {f"{f}:{k}": v for f in ("adapter_model", "trainable_params")
+                for k, v in load_file(str(folder / "adapter" / f"{f}.safetensors")).items()}
+    return load_file(str(folder / "hf" / "model.safetensors"))
 
 
-def test_kill_9_at_a_random_step_then_resume_gives_bit_identical_weights(tmp_path):
-    straight = context(tmp_path, "straight")
+@pytest.mark.parametrize("overrides", [OVERRIDES, LORA], ids=["full", "lora"])
+def test_kill_9_at_a_random_step_then_resume_gives_bit_identical_weights(tmp_path, overrides):
+    straight = context(tmp_path, "straight", overrides)
     run_stage(straight, "stage1")
 
-    killed = context(tmp_path, "killed")
+    killed = context(tmp_path, "killed", overrides)
     seed = int.from_bytes(os.urandom(4), "little")
     kill_after = random.Random(seed).randint(1, STEPS - 2)
     job = killed.backend.submit(job_spec(killed, "stage1", "first"))
@@ -55,7 +66,7 @@ def test_kill_9_at_a_random_step_then_resume_gives_bit_identical_weights(tmp_pat
     result = run_stage(killed, "stage1")
     assert result.manifest.metrics["resumed_from_step"] >= kill_after, seed
     a, b = weights(straight), weights(killed)
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and a
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resuming from step {kill_after} (seed {seed})"
 

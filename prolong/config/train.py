@@ -46,6 +46,28 @@ class RopeScalingConfig(_Config):
         return out
 
 
+class LoraConfig(_Config):
+    """Low-rank training through peft, as LongLoRA's fine-tune.py: LoRA on the attention projections,
+    and ("LoRA+") the parameters named in ``trainable`` trained in full — embeddings and norms."""
+
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # parameters trained in full beside the adapter: every parameter whose name contains one of these
+    # (LongLoRA's --trainable_params embed,norm: embed_tokens and every RMSNorm; lm_head stays frozen)
+    trainable: list[str] = ["embed", "norm"]
+    quantize: Literal["nf4"] | None = None  # QLoRA: the frozen base in bitsandbytes NF4 (GPUs only)
+
+    @model_validator(mode="after")
+    def _names(self):
+        if not self.target_modules:
+            raise ValueError("target_modules: LoRA needs at least one module to adapt (LongLoRA: q/k/v/o_proj)")
+        if any(not n.strip() for n in [*self.target_modules, *self.trainable]):
+            raise ValueError("target_modules/trainable: empty names match every parameter")
+        return self
+
+
 class MixtureComponent(_Config):
     """One stream of a stage: a domain, and for long domains the document length it is cut to."""
 
@@ -61,11 +83,15 @@ class TrainStageConfig(StageConfig):
     seq_len: Tokens
     rope_theta: float = Field(gt=0)
     rope_scaling: RopeScalingConfig | None = None  # none: θ alone (ProLong); linear: LongLoRA's interpolation
+    lora: LoraConfig | None = None  # none: every parameter trains (ProLong); set: an adapter (LongLoRA)
     steps: int = Field(gt=0)
     batch_tokens: Tokens  # global batch; accumulation = batch_tokens / (seq_len · micro_batch · dp)
     micro_batch_size: int = Field(default=1, gt=0)
     lr: float = Field(gt=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    warmup_steps: int | None = Field(default=None, ge=0)  # instead of warmup_ratio (LongLoRA: 20)
+    # cosine: Table 9's (to min_lr_ratio × lr); constant_with_warmup: LongLoRA's, transformers' own
+    lr_schedule: Literal["cosine", "constant_with_warmup"] = "cosine"
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     optim: OptimConfig = OptimConfig()
     # "domain" or "domain@LEN" (long domains cut to LEN-token documents) → proportion of samples.
@@ -82,7 +108,12 @@ class TrainStageConfig(StageConfig):
     activation_checkpointing: bool = True
     compile: bool = False
     seed: int | None = None
-    ADDED_LATER = frozenset({"rope_scaling"})
+    ADDED_LATER = frozenset({"rope_scaling", "lora", "warmup_steps", "lr_schedule"})
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: ``warmup_steps``, or ``warmup_ratio`` of the stage's steps."""
+        return self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_ratio * self.steps))
 
     @property
     def global_batch_size(self) -> int:
@@ -105,6 +136,11 @@ class TrainStageConfig(StageConfig):
         if self.sequence_parallel > 1 and self.micro_batch_size != 1:
             raise ValueError(f"micro_batch_size: must be 1 with sequence_parallel {self.sequence_parallel} "
                              "(a sequence-parallel group shares one sequence)")
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} is not fewer than the stage's {self.steps} steps")
+        if self.lora is not None and self.keep_optimizer_state:
+            raise ValueError("keep_optimizer_state: a LoRA stage trains new parameters; there are no Adam moments "
+                             "to carry over")
         total = sum(self.mixture.values())
         if not self.mixture or not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"mixture: proportions sum to {total:.6g}, not 1")

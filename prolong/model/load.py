@@ -37,11 +37,12 @@ def check_long_context(config, ref: str, rope_theta: float, seq_len: int | None,
 
 def load_model(ref: str, *, rope_theta: float, seq_len: int | None = None, dtype: str = "bfloat16",
                revision: str | None = None, device: torch.device | str = "cpu", field: str = "model",
-               rope_scaling=None):
+               rope_scaling=None, quantize: str | None = None):
     """An HF causal LM with θ written into its config and document-masked attention registered.
 
     The model stays a plain transformers model: parallelism is applied afterwards by
-    ``prolong.parallel.parallelize``.
+    ``prolong.parallel.parallelize``. ``quantize="nf4"``: QLoRA's base, as LongLoRA's
+    supervised-fine-tune-qlora.py loads it (bitsandbytes NF4, double quantization, bf16 compute).
     """
     from transformers import AutoModelForCausalLM
 
@@ -54,12 +55,22 @@ def load_model(ref: str, *, rope_theta: float, seq_len: int | None = None, dtype
     set_rope_scaling(config, rope_scaling.parameters(original) if rope_scaling is not None else None)
     config.use_cache = False  # a KV cache in training would silently break document isolation
     impl = attention.register()
+    extra = {}
+    if quantize == "nf4":
+        if torch.device(device).type != "cuda":
+            raise ConfigError(f"{field}.lora.quantize: nf4 (QLoRA) runs on GPUs only; this job's device is {device}")
+        from transformers import BitsAndBytesConfig
+
+        extra = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4"),
+            "device_map": {"": torch.device(device)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, revision=revision, dtype=DTYPES[dtype],
-                                                     attn_implementation=impl)
+                                                     attn_implementation=impl, **extra)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load model {ref!r} ({str(e).splitlines()[0]})") from None
     log.info("loaded %s (%s, %.1fM parameters), rope θ=%g%s", ref, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, rope_theta,
              f", scaling {rope_scaling.type} ×{rope_scaling.factor:g}" if rope_scaling is not None else "")
-    return model.to(device)
+    return model if quantize else model.to(device)

@@ -36,7 +36,7 @@ class DeepSpeedEngine:
         self.cfg, self.world = cfg, world
         self.accumulation = accumulation
         optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+        scheduler = build_scheduler(optimizer, cfg)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": self.accumulation,
@@ -54,6 +54,8 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.model = self.ds.module
         self.zero_stage = parallel.zero_stage
+        # a LoRA stage: checkpoints hold what trains; the frozen base comes from the base model again
+        self.frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         log.info("deepspeed: ZeRO-%d, %d accumulation steps, bf16=%s", parallel.zero_stage, self.accumulation,
                  ds_config["bf16"]["enabled"])
 
@@ -76,18 +78,19 @@ class DeepSpeedEngine:
         restart_schedule(self.optimizer, self.scheduler, self.cfg)
 
     def save_state(self, folder: Path) -> None:
-        self.ds.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        self.ds.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=bool(self.frozen))
 
     def load_state(self, folder: Path, *, model: bool, optimizer: bool) -> None:
-        path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_module_strict=True,
+        path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_module_strict=not self.frozen,
                                           load_optimizer_states=optimizer, load_lr_scheduler_states=False,
                                           load_module_only=not optimizer)
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         if self.zero_stage == 3:
             state = self.ds._zero3_consolidated_16bit_state_dict()  # gathered on rank 0
         else:
             state = self.model.state_dict() if self.world.is_main else {}
-        return {k.removeprefix("lm."): v.detach().cpu() for k, v in (state or {}).items()}
+        return {k.removeprefix("lm."): v.detach().cpu() for k, v in (state or {}).items()
+                if not (trainable_only and k in self.frozen)}

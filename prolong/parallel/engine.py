@@ -44,8 +44,9 @@ class Engine(Protocol):
 
     def load_state(self, folder: Path, *, model: bool, optimizer: bool) -> None: ...
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded weights of the HF model on rank 0 (every rank must call this)."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Unsharded weights of the HF model on rank 0 (every rank must call this); ``trainable_only``:
+        the parameters that train (a LoRA stage's adapter and fully trained parameters)."""
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainStageConfig, parallel: ParallelConfig, world: World,

@@ -26,7 +26,9 @@ class FSDPEngine:
     def __init__(self, model: torch.nn.Module, cfg: TrainStageConfig, world: World):
         self.model, self.cfg, self.world = model, cfg, world
         self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+        # a LoRA stage: the frozen base comes from the base model again; checkpoints hold what trains
+        self._options = StateDictOptions(ignore_frozen_params=any(not p.requires_grad for p in model.parameters()))
+        self.scheduler = build_scheduler(self.optimizer, cfg)
 
     @property
     def lr(self) -> float:
@@ -55,7 +57,7 @@ class FSDPEngine:
 
     # ------------------------------------------------------------ state
     def save_state(self, folder: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"))
 
     def load_state(self, folder: Path, *, model: bool, optimizer: bool) -> None:
@@ -63,16 +65,20 @@ class FSDPEngine:
         # (a zero step), which must not happen when only weights are taken over
         state = {}
         if model:
-            state["model"] = get_model_state_dict(self.model)
+            state["model"] = get_model_state_dict(self.model, options=self._options)
         if optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
         if model:
-            set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
+            # without the frozen base, strictness is dcp.load's: it fails on any requested key it lacks
+            set_model_state_dict(self.model, state["model"],
+                                 options=StateDictOptions(strict=not self._options.ignore_frozen_params,
+                                                          ignore_frozen_params=self._options.ignore_frozen_params))
         if optimizer:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """Unsharded weights of the HF model on rank 0 (every rank must call this)."""
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                          ignore_frozen_params=trainable_only))
         return {k.removeprefix("lm."): v for k, v in state.items()}

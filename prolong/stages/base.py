@@ -69,6 +69,17 @@ class Stage:
 
     def __init__(self, name: str, cfg: StageConfig, recipe: "Recipe"):
         self.name, self.cfg, self.recipe = name, cfg, recipe
+        self.makes_model = type(self).makes_model_with(cfg)
+
+    @classmethod
+    def makes_model_with(cls, cfg: StageConfig) -> bool:
+        """Whether a stage of this kind configured by ``cfg`` leaves full HF weights (``makes_model``
+        unless the config says otherwise: a LoRA training stage leaves an adapter)."""
+        return cls.makes_model
+
+    def not_a_model(self) -> str:
+        """Why this stage's outputs are not a model others can read, for their validation errors."""
+        return "is not a stage that makes a model (train, merge, export)"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

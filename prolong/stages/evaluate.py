@@ -31,8 +31,7 @@ class EvalStage(Stage):
 
     def validate(self, graph) -> None:
         model_from = self.cfg.model_from
-        if not graph.nodes[model_from].makes_model:
-            raise ValueError(f"{self.name}.model_from: {model_from!r} is not a stage that makes a model (train, export)")
+        graph.require_model(model_from, f"{self.name}.model_from")
         if not any(getattr(self.cfg, t, None) is not None for t in TASKS):
             raise ValueError(f"{self.name}: enable at least one of {', '.join(TASKS)}")
         cfg = self.cfg

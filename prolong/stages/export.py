@@ -71,9 +71,7 @@ class ExportStage(Stage):
         return self.cfg.model_from
 
     def validate(self, graph) -> None:
-        source = graph.nodes[self.cfg.model_from]
-        if not source.makes_model:
-            raise ValueError(f"{self.name}.from: {self.cfg.model_from!r} is not a stage that makes a model")
+        graph.require_model(self.cfg.model_from, f"{self.name}.from")
         saved = self.recipe.model.dtype
         if DTYPE_ORDER[self.cfg.dtype] > DTYPE_ORDER.get(saved, 2):
             raise ValueError(f"{self.name}.dtype: {self.cfg.dtype} cannot be exported from weights saved in {saved} "

@@ -56,6 +56,11 @@ class StageGraph:
                 return " → ".join(loop)
             path.append(node)
 
+    def require_model(self, name: str, field: str) -> None:
+        """``field`` (``eval.model_from``) names ``name``: it must leave full weights to read."""
+        if not self.nodes[name].makes_model:
+            raise ValueError(f"{field}: {name!r} {self.nodes[name].not_a_model()}")
+
     # ------------------------------------------------------------ queries
     def __getitem__(self, name: str) -> Stage:
         try:

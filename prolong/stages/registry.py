@@ -17,7 +17,7 @@ from prolong.stages.base import Stage
 
 BUILTIN = ("prolong.stages.data:DataStage", "prolong.stages.train:TrainStage",
            "prolong.stages.evaluate:EvalStage", "prolong.stages.export:ExportStage",
-           "prolong.stages.packed:PackedStage")
+           "prolong.stages.packed:PackedStage", "prolong.stages.merge:MergeStage")
 # jobs that are not stages: (args after STORE RUN) → function
 JOBS = {"export-checkpoint": "prolong.train.export:export_checkpoint"}
 

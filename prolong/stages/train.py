@@ -30,6 +30,16 @@ class TrainStage(Stage):
     makes_model = True
     cfg: TrainStageConfig
 
+    @classmethod
+    def makes_model_with(cls, cfg: TrainStageConfig) -> bool:
+        return cfg.lora is None  # a LoRA stage leaves an adapter, which a merge stage turns into weights
+
+    def not_a_model(self) -> str:
+        if self.cfg.lora is not None:
+            return ("is a LoRA stage: it leaves an adapter, not full weights; add a stage of kind merge "
+                    f"(from: {self.name}) and read that")
+        return super().not_a_model()
+
     @property
     def init(self) -> str:
         """Where it takes its weights from: "model", or a stage that makes a model."""
@@ -68,8 +78,10 @@ class TrainStage(Stage):
         if group is not None and cfg.sequence_parallel > 1:
             raise ValueError(f"{name}.sequence_parallel: S²-Attn (model.attention_pattern: s2) attends within groups "
                              "on one device; use sequence_parallel: 1")
-        if self.init != "model" and not graph.nodes[self.init].makes_model:
-            raise ValueError(f"{name}.init_from: {self.init!r} is not an earlier stage of this recipe")
+        up = graph.nodes.get(self.init)
+        if up is not None and not up.makes_model:
+            why = up.not_a_model() if up.kind == self.kind else "is not an earlier stage of this recipe"
+            raise ValueError(f"{name}.init_from: {self.init!r} {why}")
         if cfg.keep_optimizer_state and (self.init == "model" or recipe.stages[self.init].kind != "train"):
             raise ValueError(f"{name}.keep_optimizer_state: needs init_from to name an earlier stage")
 
@@ -90,6 +102,8 @@ class TrainStage(Stage):
         dims = ParallelDims.for_stage(recipe, self.name, job_ranks(recipe.jobs, all_nodes=True))
         dims.accumulation(cfg.global_batch_size, cfg.micro_batch_size, f"{self.name}.batch_tokens")
         checks.check_backends(recipe)
+        if cfg.lora is not None and cfg.lora.quantize:
+            checks.check_quantized_lora(recipe, f"{self.name}.lora.quantize")
         config = checks.model_config(recipe.model.path, "model.path")  # every stage keeps the base architecture
         if config is not None:
             if not any(k in config for k in ("rope_theta", "rope_parameters", "rope_scaling")) and \

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from prolong.errors import ProlongError, StageError
+from prolong.errors import ConfigError, ProlongError, StageError
 from prolong.integrity import outputs_under, verify_outputs
 from prolong.layout import stage_prefix
 from prolong.manifest import read_manifest
@@ -36,6 +36,7 @@ class Built:
     dims: ParallelDims
     accumulation: int
     sequence_parallel: object | None  # the SP group of this rank, when dims.sp > 1
+    lora: object | None = None  # prolong.model.lora.LoraModel of a LoRA stage
 
 
 def build_stage(recipe: Recipe, store: Store, run: str, stage: str, world: World, scratch: Path, *,
@@ -49,9 +50,22 @@ def build_stage(recipe: Recipe, store: Store, run: str, stage: str, world: World
     init = recipe.init_source(stage)
     model_ref = recipe.model.path if init == "model" else upstream_model_dir(store, run, init, world, scratch)
     # fp32 parameters: the master weights AdamW updates; parallelize() sets the bf16 compute
+    quantize = cfg.lora.quantize if cfg.lora is not None else None
+    if quantize and world.world_size > 1:
+        raise ConfigError(f"{stage}.lora.quantize: QLoRA runs as one process per job here ({world.world_size} "
+                          "ranks asked); set jobs.nproc_per_node: 1")
     lm = load_model(model_ref, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, seq_len=cfg.seq_len,
-                    dtype="float32",
+                    dtype="bfloat16" if quantize else "float32", quantize=quantize,
                     revision=recipe.model.revision if init == "model" else None, device=world.device, field=stage)
+    lora = None
+    if cfg.lora is not None:
+        from prolong.model.lora import apply_lora
+
+        # the adapters' initial values from the stage's seed alone, whatever loading the model drew
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.stage_seed(stage))
+            # the frozen base in the compute dtype (bf16 on GPUs): the memory LoRA saves
+            lora = apply_lora(lm, cfg.lora, DTYPES[recipe.model.dtype], stage + ".lora")
     attention.select_backend(recipe.model.attention, world.device)
     if sp is not None:
         check_model_heads(lm.config, dims)
@@ -61,7 +75,7 @@ def build_stage(recipe: Recipe, store: Store, run: str, stage: str, world: World
                  group // 2)
     engine = build_engine(TrainingLM(lm, cfg.loss_chunk_size, s2_group_size=group), cfg, recipe.parallel, world,
                           DTYPES[recipe.model.dtype], accumulation=accumulation)
-    return Built(lm, engine, dims, accumulation, sp)
+    return Built(lm, engine, dims, accumulation, sp, lora)
 
 
 def verify_upstream(store: Store, run: str, stage: str, upstream: str, sub: str, local_dir: Path | None = None) -> None:
@@ -91,6 +105,16 @@ def upstream_model_dir(store: Store, run: str, init: str, world: World, scratch:
             failure = e
     raise_together(world, failure)
     return str(local)
+
+
+def export_adapter(engine: Engine, lora, tokenizer, out: Path, world: World, base_ref: str) -> None:
+    """A LoRA stage's output: the adapter and the fully trained parameters (fp32) + tokenizer."""
+    from prolong.model.lora import save_adapter
+
+    state = engine.full_state_dict(trainable_only=True)
+    if world.is_main:
+        save_adapter(lora, state, out, base_ref)
+        tokenizer.save_pretrained(out)
 
 
 def export_hf(engine: Engine, lm, tokenizer, out: Path, world: World, dtype: torch.dtype) -> None:

@@ -31,7 +31,7 @@ from prolong.parallel.world import World, init_world, node_scratch, on_main, rem
 from prolong.recipe import Recipe
 from prolong.store import Store
 from prolong.train.batch import collate, shard_batches
-from prolong.train.build import build_stage, export_hf, verify_upstream
+from prolong.train.build import build_stage, export_adapter, export_hf, verify_upstream
 from prolong.train.callbacks import Checkpointing, ConsoleLogger, MetricsFile, ProgressFile, StageReport, Throughput
 from prolong.train.checkpoint import Checkpointer
 from prolong.train.flops import FlopCounter, peak_flops
@@ -64,7 +64,9 @@ def _restore(ckpt: Checkpointer, rec: StageRecorder, engine: Engine, recipe: Rec
         raise StageError(f"{stage}: no checkpoint of this attempt loads (newest: {failed}); re-run with "
                          f"--from-stage {stage} to start it afresh")
     init = recipe.init_source(stage)
-    if init != "model":
+    # a LoRA stage adapts the upstream model's exported weights (its base, frozen); a full stage
+    # continues from the upstream's fp32 master weights in its final checkpoint
+    if init != "model" and cfg.lora is None and recipe.stages[init].kind == "train":
         # Hand-off: the upstream stage's final checkpoint holds its fp32 master weights (the HF export
         # is in the model's dtype) and, with keep_optimizer_state, the Adam moments to carry over.
         m = read_manifest(ckpt.store, run, init)
@@ -80,8 +82,9 @@ def _restore(ckpt: Checkpointer, rec: StageRecorder, engine: Engine, recipe: Rec
     return None, TrainerState(), None, None
 
 def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageConfig, resumed_from: int | None,
-            hf_dir: Path, accumulation: int, world: World) -> None:
-    rec.put_dir(hf_dir, "hf")
+            out_dir: Path, accumulation: int, world: World, lora) -> None:
+    model_out = "adapter" if lora is not None else "hf"
+    rec.put_dir(out_dir, model_out)
     final = layout.checkpoint_in_stage(trainer.state.step)
     rec.record_existing(final)
     rec.record_existing("metrics.jsonl")
@@ -103,8 +106,9 @@ def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageC
                  "rope_theta": cfg.rope_theta, "world_size": world.world_size, "accumulation": accumulation,
                  "sequence_parallel": cfg.sequence_parallel,
                  "sequence_parallel_share": mean("sequence_parallel_share") if cfg.sequence_parallel > 1 else None,
-                 "attention": attention.current_backend(), "resumed_from_step": resumed_from},
-        artifacts={"hf_model": "hf", "checkpoint": final, "metrics": "metrics.jsonl", "report": "report/report.md",
+                 "attention": attention.current_backend(), "resumed_from_step": resumed_from,
+                 **({"trainable_params": lora.trainable, "total_params": lora.total} if lora is not None else {})},
+        artifacts={("adapter" if lora is not None else "hf_model"): model_out, "checkpoint": final, "metrics": "metrics.jsonl", "report": "report/report.md",
                    "loss_curve": "report/loss_curve.png"})
 
 def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
@@ -156,10 +160,15 @@ def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
         trainer = Trainer(engine, batches, cfg, world, accumulation=accumulation, callbacks=callbacks, state=state,
                           save_checkpoint=save)
         trainer.fit()
-        export_hf(engine, lm, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world,
-                  DTYPES[recipe.model.dtype])
+        tokenizer = load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision)
+        if built.lora is not None:
+            init = recipe.init_source(stage)  # what the adapter applies to, for peft's adapter_config.json
+            base_ref = recipe.model.path if init == "model" else store.uri(f"{stage_prefix(run, init)}/hf")
+            export_adapter(engine, built.lora, tokenizer, tmp / "out", world, base_ref=base_ref)
+        else:
+            export_hf(engine, lm, tokenizer, tmp / "out", world, DTYPES[recipe.model.dtype])
         if world.is_main:
-            _finish(rec, store, trainer, cfg, resumed_from, tmp / "hf", accumulation, world)
+            _finish(rec, store, trainer, cfg, resumed_from, tmp / "out", accumulation, world, built.lora)
         ckpt.close()
         remove_scratch(world, scratch)
         if cache.dir:
