@@ -71,12 +71,57 @@ class HelmetConfig(_Config):
         return self
 
 
+def _changed(cfg: _Config, names) -> list[str]:
+    """Those of ``names`` not at their defaults: a field of the view a config does not use. (Not
+    "set": a stored recipe is read back with every field written out.)"""
+    return [n for n in names if getattr(cfg, n) != type(cfg).model_fields[n].default]
+
+
 class PasskeyConfig(_Config):
+    """Passkey retrieval. ``style: prolong``: the key at ``depths`` of filler cut to exact token
+    ``lengths``. ``style: longlora``: LongLoRA's passkey_retrivial.py — test points every
+    ``interval`` up to ``max_tokens``, filler sized in characters (3.75 a token), the key at a
+    random position, ``num_tests`` keys per point, scored on the key's tokens."""
+
+    ADDED_LATER = frozenset({"style", "interval", "max_tokens", "num_tests"})
+    style: Literal["prolong", "longlora"] = "prolong"
     lengths: list[Tokens] | None = None
     depths: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
     samples_per_depth: int = Field(default=2, gt=0)
     max_new_tokens: int = Field(default=10, gt=0)
-    seed: int = 0
+    # the script's defaults (--interval 1000, --max_tokens 32000, --num_tests 10)
+    interval: Tokens = 1000
+    max_tokens: Tokens = 32000
+    num_tests: int = Field(default=10, gt=0)
+    seed: int = 0  # longlora: the first test's seed (the script's: 0)
+
+    @model_validator(mode="after")
+    def _style(self):
+        own = {"prolong": ("lengths", "depths", "samples_per_depth", "max_new_tokens"),
+               "longlora": ("interval", "max_tokens", "num_tests")}
+        for style, names in own.items():
+            if style != self.style and (wrong := _changed(self, names)):
+                raise ValueError(f"{wrong[0]}: applies to style {style}, not {self.style}")
+        if self.style == "longlora":
+            from prolong.eval.synthetic.passkey import LONGLORA_FILLER, longlora_filler_chars
+
+            if self.interval > self.max_tokens:
+                raise ValueError(f"interval: {self.interval} is above max_tokens {self.max_tokens}")
+            if longlora_filler_chars(self.interval) == 0:
+                raise ValueError(f"interval: {self.interval} tokens gets no filler in LongLoRA's sizing "
+                                 "(3.75 characters a token, in whole 1024s): use 274 or more")
+            if longlora_filler_chars(self.max_tokens // self.interval * self.interval) > len(LONGLORA_FILLER):
+                raise ValueError(f"max_tokens: {self.max_tokens} needs more filler than LongLoRA's "
+                                 f"{len(LONGLORA_FILLER)} characters")
+        return self
+
+    def test_lengths(self) -> list[int] | None:
+        """longlora: the script's test points; prolong: None (``lengths`` or the stage's)."""
+        if self.style != "longlora":
+            return None
+        from prolong.eval.synthetic.passkey import longlora_lengths
+
+        return longlora_lengths(self.interval, self.max_tokens)
 
 
 class NeedleConfig(_Config):
@@ -87,18 +132,43 @@ class NeedleConfig(_Config):
 
 
 class PerplexityConfig(_Config):
-    """The paper's PG19 view: loss on the last ``last`` tokens of ``length``-token documents."""
+    """Long-document perplexity, in one of two views. Without ``seq_lens``, the paper's PG19 view:
+    loss on the last ``last`` tokens of ``length``-token documents. With ``seq_lens``, LongLoRA's
+    (eval.py, its Table 1): the documents as one token stream cut into ``seq_len``-token windows
+    every ``sliding_window`` tokens, each window's whole loss, a perplexity per ``seq_len``."""
 
+    ADDED_LATER = frozenset({"seq_lens", "sliding_window", "batch_size"})
     source: Source
     length: Tokens = 65536
     last: Tokens = 32768
     max_docs: int = Field(default=16, gt=0)
+    seq_lens: list[Tokens] | None = Field(default=None, min_length=1)
+    sliding_window: Tokens = 256  # eval.py calls evaluate(..., sliding_window=256)
+    # windows per forward pass; the mean is over batches of window means, as eval.py averages
+    # (its README's commands: --batch_size 1)
+    batch_size: int = Field(default=1, gt=0)
 
     @model_validator(mode="after")
-    def _last(self):
-        if not 0 < self.last < self.length:
-            raise ValueError(f"last: {self.last} must be below length {self.length}")
+    def _view(self):
+        if self.seq_lens is None:
+            if wrong := _changed(self, ("sliding_window", "batch_size")):
+                raise ValueError(f"{wrong[0]}: applies with seq_lens (LongLoRA's sliding-window perplexity)")
+            if not 0 < self.last < self.length:
+                raise ValueError(f"last: {self.last} must be below length {self.length}")
+            return self
+        if wrong := _changed(self, ("length", "last")):
+            raise ValueError(f"{wrong[0]}: applies without seq_lens; with seq_lens every window's whole loss counts")
+        for i, seq_len in enumerate(self.seq_lens):
+            if seq_len in self.seq_lens[:i]:
+                raise ValueError(f"seq_lens: {seq_len} is listed twice")
+            if self.sliding_window > seq_len:
+                raise ValueError(f"sliding_window: {self.sliding_window} is above seq_len {seq_len} (LongLoRA's "
+                                 "eval needs seq_len >= sliding_window)")
         return self
+
+    def parts(self) -> list[int]:
+        """The lengths evaluated: ``seq_lens``, or the one ``length``."""
+        return list(self.seq_lens or [self.length])
 
 
 class PositionLossConfig(_Config):
@@ -185,4 +255,14 @@ class EvalConfig(StageConfig):
     lm_eval: LmEvalConfig | None = None
 
     def lengths_of(self, task) -> list[int]:
-        return list(task.lengths or self.lengths)
+        own = task.test_lengths() if isinstance(task, PasskeyConfig) else None
+        return own or list(task.lengths or self.lengths)
+
+    def digest_dump(self, exclude: set[str] = frozenset()) -> dict:
+        # the base drops this level's ADDED_LATER fields only; the task sections have their own
+        out = super().digest_dump(exclude)
+        for name, value in out.items():
+            part = getattr(self, name, None)
+            if isinstance(part, _Config) and part.ADDED_LATER and isinstance(value, dict):
+                out[name] = part.digest_dump()
+        return out

@@ -35,6 +35,14 @@ def load_tokenizer(path: str):
     return tok
 
 
+def longlora_context(tok, pk) -> int:
+    """Tokens LongLoRA's longest passkey prompts take with this tokenizer, and their answers."""
+    from prolong.eval.synthetic.passkey import longlora_passkey_examples
+
+    longest = longlora_passkey_examples(pk.test_lengths()[-1:], pk.num_tests, pk.seed)
+    return max(len(tok(ex.prompt)["input_ids"]) + len(tok(ex.answer)["input_ids"]) for ex in longest)
+
+
 def _tokenizer_adds_bos(tok) -> bool:
     ids = tok("a")["input_ids"]
     return bool(ids) and ids[0] == tok.bos_token_id
@@ -73,6 +81,9 @@ def generator(cfg, recipe, store, run: str, model_stage: str, model_rel: str, mo
 
     n_ctx = max(recipe.graph.trained_length(model_stage), max((max(cfg.lengths_of(t)) for t in
                 (cfg.json_kv, cfg.helmet, cfg.passkey, cfg.needle) if t is not None), default=0))
+    if cfg.passkey is not None and cfg.passkey.style == "longlora":
+        # LongLoRA sizes its filler in characters: another tokenizer than LLaMA's can go past the test point
+        n_ctx = max(n_ctx, longlora_context(tok, cfg.passkey))
     api_key = os.environ.get("OPENAI_API_KEY") if cfg.base_url else None
     if cfg.serve is None:
         yield ServedGenerator(cfg.base_url, tok, model=cfg.served_model, server_adds_bos=_tokenizer_adds_bos(tok),

@@ -1,5 +1,6 @@
 """An evaluation stage as a job: HELMET's categories, synthetic recall, long-document perplexity,
-loss by token position and lm-eval short tasks on the model of one stage (``model_from``).
+loss by token position and lm-eval short tasks on the model of one stage (``model_from``); passkey
+and perplexity also as LongLoRA's scripts measure them.
 
 Writes ``items.jsonl`` (every prompt's prediction and score), ``results.json``, ``results.md`` (the
 table shown in the Prefect UI) and PNG charts into the stage's folder, then the manifest. Greedy
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from prolong.config import DomainConfig, FileSource
 from prolong.recipe import Recipe, recipe_from_dict
-from prolong.errors import ConfigError, StageError
+from prolong.errors import ConfigError, DataError, StageError
 from prolong.eval.backends import generator
 from prolong.eval import report
 from prolong.eval.synthetic import passkey as synthetic
@@ -24,7 +25,8 @@ from prolong.eval.helmet.run import run_helmet
 from prolong.eval.synthetic.json_kv import make_examples
 from prolong.eval.synthetic.json_kv import score as json_kv_score
 from prolong.eval.metrics import substring_exact_match
-from prolong.eval.likelihood import long_document_loss, loss_by_position
+from prolong.eval.likelihood import (long_document_loss, loss_by_position, sliding_window_perplexity, token_stream,
+                                     window_starts)
 from prolong.eval.short_tasks import run_lm_eval
 from prolong.eval.prompts import GenerationFailed
 from prolong import layout
@@ -47,9 +49,10 @@ class EvalProgress:
                  for L in cfg.lengths_of(getattr(cfg, name))]
         if cfg.helmet is not None:
             parts += [(ds, L) for L in cfg.lengths_of(cfg.helmet) for ds in cfg.helmet.datasets]
-        for name in ("perplexity", "position_loss"):
-            if getattr(cfg, name) is not None:
-                parts.append((name, getattr(cfg, name).length))
+        if cfg.perplexity is not None:
+            parts += [("perplexity", L) for L in cfg.perplexity.parts()]
+        if cfg.position_loss is not None:
+            parts.append(("position_loss", cfg.position_loss.length))
         if cfg.lm_eval is not None:
             parts += [("lm-eval", shots) for shots in sorted({cfg.lm_eval.shots(t) for t in cfg.lm_eval.tasks})]
         self.started: list[tuple] = []
@@ -93,11 +96,11 @@ def run_recall_and_synthetic(cfg, gen, tok, progress: EvalProgress | None = None
     """JSON KV, passkey and needle items through the generator ``gen`` (prolong.eval.prompts)."""
     items = []
 
-    def one(dataset: str, ex, max_new_tokens: int, score, **fields) -> None:
+    def one(dataset: str, ex, max_new_tokens: int, score, special_tokens: bool = False, **fields) -> None:
         if progress is not None:
             progress.item(dataset, ex.length)
         try:
-            (raw, n), secs = _timed(gen, ex.prompt, max_new_tokens)
+            (raw, n), secs = _timed(gen, ex.prompt, max_new_tokens, special_tokens=special_tokens)
         except GenerationFailed as e:  # failed, never 0
             items.append({"dataset": dataset, "length": ex.length, "depth": ex.depth, "answer": ex.answer,
                           "failed": True, "error": str(e), **fields})
@@ -112,7 +115,13 @@ def run_recall_and_synthetic(cfg, gen, tok, progress: EvalProgress | None = None
         for ex in make_examples(tok, cfg.lengths_of(kv), kv.depths, kv.samples_per_depth, kv.max_new_tokens + 1,
                                 kv.seed, use_chat_template=False):
             one("json_kv", ex, kv.max_new_tokens, json_kv_score, num_pairs=ex.num_pairs)
-    if cfg.passkey is not None:
+    if cfg.passkey is not None and cfg.passkey.style == "longlora":
+        pk = cfg.passkey
+        for ex in synthetic.longlora_passkey_examples(cfg.lengths_of(pk), pk.num_tests, pk.seed):
+            # as passkey_retrivial.py: the tokenizer's own special tokens, as many new tokens as the key has
+            one(ex.task, ex, synthetic.longlora_answer_tokens(tok, ex.answer), synthetic.longlora_passkey_score,
+                special_tokens=True, filler_chars=synthetic.longlora_filler_chars(ex.length))
+    elif cfg.passkey is not None:
         pk = cfg.passkey
         for ex in synthetic.passkey_examples(tok, cfg.lengths_of(pk), pk.depths, pk.samples_per_depth,
                                              pk.max_new_tokens + 1, pk.seed):
@@ -128,7 +137,10 @@ def run_recall_and_synthetic(cfg, gen, tok, progress: EvalProgress | None = None
 def _likelihood(cfg, model, tok, seed: int, stage: str, device, progress: EvalProgress) -> dict:
     """Perplexity and loss by position (the hf backend: they need the model's logits)."""
     out = {}
-    if cfg.perplexity is not None:
+    if cfg.perplexity is not None and cfg.perplexity.seq_lens is not None:
+        docs = _source_texts(cfg.perplexity.source, f"{stage}.perplexity.source", seed)
+        out["perplexity"] = _sliding_perplexity(cfg.perplexity, model, tok, docs, stage, device, progress)
+    elif cfg.perplexity is not None:
         pc = cfg.perplexity
         progress.part("perplexity", pc.length)
         docs = _source_texts(pc.source, f"{stage}.perplexity.source", seed)
@@ -141,6 +153,23 @@ def _likelihood(cfg, model, tok, seed: int, stage: str, device, progress: EvalPr
         out["position_loss"] = loss_by_position(model, tok, docs, length=pl.length, buckets=pl.buckets,
                                                 max_docs=pl.max_docs, device=device)
     return out
+
+
+def _sliding_perplexity(pc, model, tok, docs, stage: str, device, progress: EvalProgress) -> dict:
+    """LongLoRA's perplexity at every ``seq_len`` on one token stream (LongLoRA's Table 1: a column a length)."""
+    stream, n_docs = token_stream(tok, docs, pc.max_docs)
+    for seq_len in pc.seq_lens:  # before the first window: a stream too short for any length fails now
+        if not window_starts(len(stream), seq_len, pc.sliding_window):
+            raise DataError(f"{stage}.perplexity.seq_lens: {seq_len} needs more than {seq_len + pc.sliding_window} "
+                            f"tokens of documents; {n_docs} documents of {stage}.perplexity.source give {len(stream)}")
+    by_length = {}
+    for seq_len in pc.seq_lens:
+        progress.part("perplexity", seq_len)
+        r = sliding_window_perplexity(model, stream, seq_len=seq_len, sliding_window=pc.sliding_window,
+                                      batch_size=pc.batch_size, device=device)
+        by_length[str(seq_len)] = {k: r[k] for k in ("windows", "loss", "perplexity")}
+    return {"view": "sliding_window", "sliding_window": pc.sliding_window, "batch_size": pc.batch_size,
+            "documents": n_docs, "tokens": len(stream), "by_length": by_length}
 
 
 PARTIAL_ITEMS = f"{layout.LOGS}/partial-items.jsonl"
@@ -164,6 +193,9 @@ def _check_lengths(cfg, model, stage: str) -> None:
     longest = max((L for t in tasks for L in cfg.lengths_of(t)), default=0)
     if limit and longest > limit:
         raise ConfigError(f"{stage}.lengths: {longest} tokens is beyond the model's max_position_embeddings {limit}")
+    if limit and cfg.perplexity is not None and cfg.perplexity.seq_lens and max(cfg.perplexity.seq_lens) > limit:
+        raise ConfigError(f"{stage}.perplexity.seq_lens: {max(cfg.perplexity.seq_lens)} tokens is beyond the model's "
+                          f"max_position_embeddings {limit}")
 
 
 def run_eval_stage(recipe: Recipe, store: Store, run: str, stage: str = "eval", snapshot: str | None = None) -> None:
@@ -213,6 +245,8 @@ def run_eval_stage(recipe: Recipe, store: Store, run: str, stage: str = "eval", 
             rec.put_file(log_file, f"{layout.LOGS}/{log_file.name}")
         scored = [i for i in items if not i.get("unscored")]
         results = report.aggregate(scored)
+        if any(i["dataset"] == synthetic.LONGLORA_DATASET for i in items):
+            results[synthetic.LONGLORA_DATASET] = report.longlora_passkey(items)
         unscored = sorted({i["dataset"] for i in items if i.get("unscored")})
         if unscored:
             results["unscored"] = f"{', '.join(unscored)} (no judge endpoint: eval.judge); token F1 in items.jsonl"
@@ -238,7 +272,7 @@ def _headline(results: dict) -> dict:
            "failed_items": results["failed_items"], "scored_model": results["scored_model"]}
     if "by_depth" in results and "json_kv" in results["by_depth"]:
         out["json_kv_by_depth"] = results["by_depth"]["json_kv"]
-    for key in ("perplexity", "position_loss", "lm_eval"):
+    for key in ("perplexity", "position_loss", "lm_eval", synthetic.LONGLORA_DATASET):
         if key in results:
             out[key] = {k: v for k, v in results[key].items() if k != "per_document"}
     return out

@@ -1,4 +1,5 @@
-"""Scores → the paper's categories, a markdown table and PNG charts.
+"""Scores → the paper's categories, a markdown table and PNG charts; LongLoRA's passkey accuracy
+and perplexity by evaluation length (its Table 1) as tables of their own.
 
 Aggregation (HELMET / ProLong Tables 10-13): the mean over items gives a dataset's score at a
 length; the mean over a category's datasets gives the category at that length; the mean over
@@ -51,8 +52,41 @@ def aggregate(items: list[dict]) -> dict:
             "failed_items": sum(failed.values())}
 
 
+def longlora_passkey(items: list[dict]) -> dict:
+    """passkey_retrivial.py's report per test point: the prompts' mean token count (its ``avg_tokens``,
+    floor division) and the fraction of keys retrieved (its ``accuracy``, 0-1; failed items left out)."""
+    from prolong.eval.synthetic.passkey import LONGLORA_DATASET
+
+    by_length: dict[str, dict] = {}
+    for length in sorted({i["length"] for i in items if i["dataset"] == LONGLORA_DATASET}):
+        mine = [i for i in items if i["dataset"] == LONGLORA_DATASET and i["length"] == length]
+        done = [i for i in mine if not i.get("failed")]
+        by_length[str(length)] = {
+            "tokens": sum(i["input_tokens"] for i in done) // len(done) if done else None,
+            "accuracy": sum(i["score"] == 100 for i in done) / len(done) if done else None,
+            "tests": len(mine), "failed": len(mine) - len(done)}
+    scored = [v["accuracy"] for v in by_length.values() if v["accuracy"] is not None]
+    return {"by_length": by_length, "mean_accuracy": _mean(scored)}
+
+
+def _length(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def _fmt(v) -> str:
     return "—" if v is None else f"{v:.1f}"
+
+
+def _ppl_table(model: str, p: dict) -> list[str]:
+    """LongLoRA's Table 1 layout: a column per evaluation length, perplexity in the cells."""
+    lengths = sorted(p["by_length"], key=int)
+    return ["## Perplexity by evaluation length (LongLoRA's eval.py)", "",
+            "| model | " + " | ".join(_length(int(L)) for L in lengths) + " |",
+            "|---|" + "---|" * len(lengths),
+            f"| {model} | " + " | ".join(f"{p['by_length'][L]['perplexity']:.2f}" for L in lengths) + " |",
+            "| windows | " + " | ".join(str(p["by_length"][L]["windows"]) for L in lengths) + " |", "",
+            f"{p['documents']} documents, {p['tokens']} tokens as one stream (EOS after each); a window every "
+            f"{p['sliding_window']} tokens, the loss on all its tokens, full attention.", ""]
 
 
 def markdown(run: str, model_from: str, results: dict) -> str:
@@ -75,11 +109,22 @@ def markdown(run: str, model_from: str, results: dict) -> str:
                   "they are listed in items.jsonl and left out of the means.", ""]
     if results.get("unscored"):
         lines += [f"Not scored: {results['unscored']}", ""]
-    if "perplexity" in results:
+    if "perplexity" in results and "by_length" in results["perplexity"]:
+        lines += _ppl_table(model_from, results["perplexity"])
+    elif "perplexity" in results:
         p = results["perplexity"]
         lines += ["## Long-document perplexity", "",
                   f"Loss on the last {p['last']} tokens of {p['documents']} documents of {p['length']} tokens: "
                   f"**{p['loss']:.3f}** (perplexity {p['perplexity']:.1f}).", ""]
+    if "passkey_longlora" in results:
+        rows = results["passkey_longlora"]["by_length"]
+        lines += ["## Passkey retrieval (LongLoRA's passkey_retrivial.py)", "",
+                  "| length | prompt tokens (mean) | accuracy | tests |", "|---|---|---|---|"]
+        lines += [f"| {L} | {v['tokens'] if v['tokens'] is not None else '—'} | "
+                  f"{'—' if v['accuracy'] is None else format(v['accuracy'], '.2f')} | {v['tests']}"
+                  + (f" ({v['failed']} failed)" if v["failed"] else "") + " |"
+                  for L, v in sorted(rows.items(), key=lambda kv: int(kv[0]))]
+        lines.append("")
     if "position_loss" in results:
         p = results["position_loss"]
         lines += ["## Loss by token position", "",
@@ -110,9 +155,24 @@ def side_by_side(run: str, evaluations: dict[str, tuple[str, dict]]) -> str:
     for cat in cats:
         lines.append(f"| {cat} | " + " | ".join(_fmt(evaluations[n][1].get("categories", {}).get(cat, {}).get("mean"))
                                               for n in names) + " |")
-    if any("perplexity" in evaluations[n][1] for n in names):
+    if any("perplexity" in evaluations[n][1] and "by_length" not in evaluations[n][1]["perplexity"] for n in names):
         lines.append("| long-document perplexity | " + " | ".join(
             _fmt(evaluations[n][1].get("perplexity", {}).get("perplexity")) for n in names) + " |")
+    sliding = sorted({int(L) for n in names for L in evaluations[n][1].get("perplexity", {}).get("by_length", {})})
+    for L in sliding:  # LongLoRA's Table 1, transposed: a row per evaluation length
+        def ppl(m: dict) -> str:
+            v = m.get("perplexity", {}).get("by_length", {}).get(str(L))
+            return "—" if v is None else f"{v['perplexity']:.2f}"
+
+        lines.append(f"| perplexity at {_length(L)} (sliding window) | " + " | ".join(ppl(evaluations[n][1]) for n in names)
+                     + " |")
+    if any("passkey_longlora" in evaluations[n][1] for n in names):
+        def passkey(m: dict) -> str:
+            v = m.get("passkey_longlora", {}).get("mean_accuracy")
+            return "—" if v is None else f"{v:.2f}"
+
+        lines.append("| passkey accuracy (LongLoRA, mean over lengths) | " + " | ".join(
+            passkey(evaluations[n][1]) for n in names) + " |")
     if any("position_loss" in evaluations[n][1] for n in names):
         def curve(m: dict) -> str:
             pl = m.get("position_loss")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from prolong import checks
+from prolong.config.base import format_tokens
 from prolong.config.data import FileSource, RepoSource
 from prolong.config.eval import EvalConfig
 from prolong.errors import ConfigError
@@ -99,12 +100,23 @@ class EvalStage(Stage):
         if limit and longest > limit:
             raise ConfigError(f"{name}.lengths: {longest} tokens is beyond the {limit} positions of the evaluated "
                               f"model ({cfg.model_from})")
+        # LongLoRA's README: --seq_len should not be larger than --context_size (the trained length)
+        seq_lens = cfg.perplexity.seq_lens if cfg.perplexity is not None else None
+        if limit and seq_lens and max(seq_lens) > limit:
+            raise ConfigError(f"{name}.perplexity.seq_lens: {max(seq_lens)} tokens is beyond the {limit} positions of "
+                              f"the evaluated model ({cfg.model_from})")
 
     def headline(self, metrics: dict) -> str:
         parts = [f"{cat} {c['mean']:.0f}" for cat, c in metrics.get("categories", {}).items()
                  if c.get("mean") is not None]
-        if "perplexity" in metrics:
+        if "by_length" in metrics.get("perplexity", {}):
+            by_length = metrics["perplexity"]["by_length"]
+            parts.append("ppl " + ", ".join(f"{format_tokens(int(L))} {v['perplexity']:.1f}"
+                                            for L, v in sorted(by_length.items(), key=lambda kv: int(kv[0]))))
+        elif "perplexity" in metrics:
             parts.append(f"ppl {metrics['perplexity']['perplexity']:.1f}")
+        if (acc := metrics.get("passkey_longlora", {}).get("mean_accuracy")) is not None:
+            parts.append(f"passkey (LongLoRA) {acc:.2f}")
         if "position_loss" in metrics:
             pl = metrics["position_loss"]
             parts.append(f"loss {pl['first']:.2f} → {pl['last']:.2f} by position")

@@ -1,8 +1,10 @@
 """Passkey retrieval and needle-in-a-haystack, built for *our* tokenizer at exact lengths.
 
-* Passkey (Mohtashami & Jaggi 2023, as LongLoRA runs it): a 5-digit key in a sea of repeated
-  filler sentences; the model completes "The pass key is". Metric: the key's digits appear in the
-  answer.
+* Passkey (Mohtashami & Jaggi 2023), by depth: a 5-digit key at chosen depths of repeated filler
+  sentences cut to an exact token length; the model completes "The pass key is". Metric: the first
+  number of the answer is the key.
+* Passkey as LongLoRA's passkey_retrivial.py runs it (``longlora_*``): the same sentences, the key
+  at a random character position of filler sized in characters, not tokens (see below).
 * Needle in a haystack (Kamradt 2023): one sentence placed at a depth of real text (a haystack
   file; the tiny recipe uses its books) and a question about it. Metric: SubEM against the key
   phrase (an offline stand-in for the original's model judge).
@@ -33,7 +35,7 @@ NEEDLE_QUESTION = ("\n\nWhat is the best thing to do in San Francisco? Answer fr
 class SyntheticExample:
     task: str
     length: int
-    depth: float
+    depth: float | None  # None: a random position (LongLoRA's passkey)
     prompt: str
     answer: str
 
@@ -90,3 +92,63 @@ def passkey_score(prediction: str, key: str) -> float:
     """1.0 when the first number in the answer is the key."""
     numbers = re.findall(r"\d+", prediction)
     return float(bool(numbers) and numbers[0] == key)
+
+
+# LongLoRA's passkey_retrivial.py (dvlab-research/LongLoRA, generate_prompt_landmark, lines 43-67):
+# the task and question are PASSKEY_TASK and PASSKEY_QUESTION; its filler sentences are ours without
+# the trailing space, repeated 5000 times joined by spaces; its key line is ours without the trailing space
+LONGLORA_FILLER = " ".join([PASSKEY_FILLER.strip()] * 5000)
+LONGLORA_KEYS = (1, 50000)  # numpy's randint(1, 50000): 1 to 49999
+LONGLORA_DATASET = "passkey_longlora"
+
+
+def longlora_lengths(interval: int, max_tokens: int) -> list[int]:
+    """The script's test points: interval, 2·interval, ... up to max_tokens (``max_tokens // interval`` of them)."""
+    return [(i + 1) * interval for i in range(max_tokens // interval)]
+
+
+def longlora_filler_chars(length: int) -> int:
+    """``n_garbage`` for a test point: 3.75 characters a token (LLaMA's rough ratio), rounded down to a
+    multiple of 1024, as the script computes it (float floor division)."""
+    return int(3.75 * length // 1024 * 1024)
+
+
+def longlora_passkey_prompt(n_garbage: int, seed: int) -> tuple[str, str]:
+    """The script's prompt and key for ``n_garbage`` filler characters and ``seed``: numpy's legacy
+    generator (the script's ``random`` is ``numpy.random``) draws the key's character position in
+    [0, n_garbage) and then the key. Both filler parts are prefixes of the same filler, as there."""
+    if n_garbage > len(LONGLORA_FILLER):
+        raise ValueError(f"{n_garbage} filler characters is beyond LongLoRA's {len(LONGLORA_FILLER)}")
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    prefix = int(rng.randint(0, n_garbage))
+    key = int(rng.randint(*LONGLORA_KEYS))
+    lines = [PASSKEY_TASK, LONGLORA_FILLER[:prefix], PASSKEY_NEEDLE.format(key=key).strip(),
+             LONGLORA_FILLER[:n_garbage - prefix], PASSKEY_QUESTION]
+    return "\n".join(lines), str(key)
+
+
+def longlora_passkey_examples(lengths: list[int], num_tests: int, seed: int = 0) -> list[SyntheticExample]:
+    """``num_tests`` prompts per test point, with seeds seed..seed+num_tests-1 at every length (the
+    script: 0..num_tests-1). The length is the test point; the prompt's token count is the tokenizer's."""
+    out = []
+    for length in lengths:
+        n_garbage = longlora_filler_chars(length)
+        for t in range(num_tests):
+            prompt, key = longlora_passkey_prompt(n_garbage, seed + t)
+            out.append(SyntheticExample(LONGLORA_DATASET, length, None, prompt, key))
+    return out
+
+
+def longlora_answer_tokens(tokenizer, key: str) -> int:
+    """How many tokens the script generates: the key's tokens, BOS dropped. The script drops the first
+    token unconditionally (LLaMA's tokenizer always adds BOS); a tokenizer that adds none keeps them all."""
+    ids = tokenizer(key)["input_ids"]
+    return len(ids) - (bool(ids) and ids[0] == tokenizer.bos_token_id)
+
+
+def longlora_passkey_score(prediction: str, key: str) -> float:
+    """1.0 when the continuation of the key's token count is the key. The script compares those
+    tokens with the key's; text is compared here so a served model (text only) is scored alike."""
+    return float(prediction.strip() == key)
