@@ -34,7 +34,7 @@ EXPORT = "export"  # a snapshot's export, inside its folder
 class Snapshot:
     stage: str
     step: int
-    final: bool  # the stage is done: its hf/ weights are the snapshot
+    final: bool  # the stage is done and its hf/ weights are the snapshot
 
     @property
     def tag(self) -> str:
@@ -54,7 +54,8 @@ def newest_snapshot(ctx: RunContext) -> Snapshot:
     for stage in reversed(ctx.recipe.graph.of_kind("train")):
         m = read_manifest(ctx.store, ctx.run, stage)
         if m is not None:
-            return Snapshot(stage, int(m.metrics["steps"]), final=True)
+            # a finished LoRA stage left an adapter: its final checkpoint is exported (merged) like any
+            return Snapshot(stage, int(m.metrics["steps"]), final="hf_model" in m.artifacts)
         steps = complete_steps(ctx.store, stage_prefix(ctx.run, stage))
         if steps:
             return Snapshot(stage, steps[-1], final=False)

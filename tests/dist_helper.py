@@ -27,12 +27,23 @@ def main(args) -> None:
     world = init_world()
     torch.manual_seed(0)
     lm = load_model(args.model_dir, rope_theta=8e6, dtype="float32")
-    recipe = load_recipe("recipes/tiny.yaml", [f"stage1.activation_checkpointing={args.ac}", "stage1.seq_len=32",
+    lora = ["stage1.lora.r=4", "eval_stage1.model_from=stage2", "stage2.init_from=model",
+            "stage2.keep_optimizer_state=false"] if args.lora else []
+    recipe = load_recipe("recipes/tiny.yaml", [*lora, f"stage1.activation_checkpointing={args.ac}", "stage1.seq_len=32",
                                                f"stage1.batch_tokens={len(LENGTHS) * 32}",
                                                f"stage1.micro_batch_size={args.micro_batch}",
                                                f"stage1.sequence_parallel={args.sp}",
-                                               f"parallel.engine={args.engine}", "parallel.zero_stage=3"])
+                                               f"parallel.engine={args.engine}",
+                                               f"parallel.zero_stage={args.zero_stage}"])
     cfg = recipe.train_stage("stage1")
+    if args.lora:
+        from prolong.model.lora import apply_lora
+
+        apply_lora(lm, cfg.lora, torch.float32, "stage1.lora")
+        with torch.no_grad():  # B starts at zero; give the adapters a value so every gradient is non-zero
+            for name, p in lm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
     sp = build_group(world, ParallelDims(world.world_size, args.sp)) if args.sp > 1 else None
     samples = [sample(i, lengths, sft=True) for i, lengths in enumerate(LENGTHS)]
     data_parallel = world.world_size // args.sp
@@ -51,10 +62,12 @@ def main(args) -> None:
     grads = {}
     if args.mode == "grads":
         for name, p in engine.model.named_parameters():
+            if not p.requires_grad:
+                continue
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
     else:
-        grads = engine.full_state_dict()
+        grads = engine.full_state_dict(trainable_only=args.lora)
     if world.is_main:
         torch.save({"grads": grads, "loss": metrics["loss"], "targets": metrics["target_tokens"],
                     "tokens": metrics["tokens"], "grad_norm": metrics["grad_norm"]}, args.out)
@@ -70,4 +83,6 @@ if __name__ == "__main__":
     parser.add_argument("--engine", default="fsdp")
     parser.add_argument("--mode", default="grads", choices=["grads", "weights"])
     parser.add_argument("--sp", type=int, default=1)
+    parser.add_argument("--zero-stage", type=int, default=3)
+    parser.add_argument("--lora", action="store_true")
     main(parser.parse_args())

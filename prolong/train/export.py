@@ -23,8 +23,9 @@ from prolong.model.load import DTYPES
 from prolong.parallel.world import init_world, node_scratch, remove_scratch
 from prolong.recipe import Recipe
 from prolong.store import Store
-from prolong.train.build import build_stage, export_hf
+from prolong.train.build import build_stage, export_adapter, export_hf
 from prolong.train.checkpoint import Checkpointer
+from prolong.train.merge import lora_base, merge_to_hf
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,14 @@ def export_checkpoint(recipe: Recipe, store: Store, run: str, stage: str, step: 
         built = build_stage(recipe, store, run, stage, world, scratch, sequence_parallel=False)
         lm, engine = built.lm, built.engine
         ckpt.load(step, engine, optimizer_too=False, restore_rng=False)
-        export_hf(engine, lm, load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision), tmp / "hf", world,
-                  DTYPES[recipe.model.dtype])
+        tokenizer = load_tokenizer(recipe.model.tokenizer_path, recipe.model.revision)
+        if built.lora is not None:  # a LoRA stage's snapshot: its adapter merged, as the merge stage does
+            base_ref = lora_base(recipe, store, run, stage, world, scratch)
+            export_adapter(engine, built.lora, tokenizer, tmp / "adapter", world, base_ref=base_ref)
+            if world.is_main:
+                merge_to_hf(recipe, stage, base_ref, tmp / "adapter", tmp / "hf", world.device)
+        else:
+            export_hf(engine, lm, tokenizer, tmp / "hf", world, DTYPES[recipe.model.dtype])
         if world.is_main:
             # keyed like the snapshot's evaluation: the training stage's config and this checkpoint
             tag = f"{stage}-step{step:08d}"

@@ -1,0 +1,151 @@
+"""LongLoRA against full continued training, side by side: same tiny model, same data, same cores.
+
+    .venv/bin/python bench/longlora_vs_full.py [--steps 20]
+
+recipes/tiny-longlora.yaml's ``base`` (the tiny Llama pretrained at 128 tokens) is trained once; then
+its 8× context extension to 1K tokens is trained twice from it, one after the other, on the same
+streams and token count:
+
+* **LongLoRA** — the recipe's ``longlora`` stage: LoRA r 8 on q/k/v/o with embeddings and norms in
+  full, S²-Attn (groups of 256), position interpolation ×8, constant LR after warmup;
+* **full (ProLong-style)** — every parameter trains, full attention, RoPE θ raised 16× (ProLong's
+  5e5 → 8e6 for 8×) instead of interpolation, Table 9's cosine schedule;
+
+each through the real pipeline and local job backend, then merged (LongLoRA) and evaluated with
+LongLoRA's sliding-window perplexity on the recipe's long documents at 256, 512 and 1K tokens.
+Reported: training tokens/s (median of the steps after the first), the job's peak resident memory
+(sum over its processes, sampled every 0.1 s), trainable parameters, the final checkpoint's size,
+and perplexity by length for the base and both models. Writes
+``bench/results/longlora_vs_full-<machine>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RECIPE = ROOT / "recipes" / "tiny-longlora.yaml"
+EVAL = ["eval.perplexity.seq_lens=[256,512,1K]"]
+VARIANTS = {
+    "longlora": ["eval.model_from=merge"],
+    "full": ["longlora.lora=null", "model.attention_pattern=full", "longlora.rope_scaling=null",
+             "longlora.rope_theta=1.6e5", "longlora.lr_schedule=cosine", "longlora.warmup_steps=null",
+             "longlora.warmup_ratio=0.1", "longlora.min_lr_ratio=0.1", "longlora.optim.weight_decay=0.1",
+             "eval.model_from=longlora"],
+}
+
+
+class PeakMemory:
+    """Peak of the summed resident memory of this process's descendants (the job's processes)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from prolong.jobs.supervise import descendants
+
+        while not self._stop.wait(0.1):
+            total = 0
+            for pid in descendants(os.getpid()):
+                try:
+                    with open(f"/proc/{pid}/statm") as f:
+                        total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                except (OSError, ValueError, IndexError):
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def count_params(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20, help="steps of the context extension (4K tokens each)")
+    args = ap.parse_args()
+    from prolong.layout import stage_prefix
+    from prolong.pipeline import RunContext, publish_recipe, run_stage
+    from prolong.recipe import load_recipe
+    from prolong.store import Store
+
+    steps = [f"longlora.steps={args.steps}", f"longlora.checkpoint_every={args.steps}"]
+    root = Path(tempfile.mkdtemp(prefix="bench-longlora-"))
+    out: dict = {"machine": f"{platform.machine()}-{os.cpu_count()}cpu", "torch_threads": None,
+                 "extension": {"tokens": args.steps * 4096, "seq_len": 1024, "steps": args.steps}, "models": {}}
+    try:
+        import torch
+
+        out["torch_threads"] = torch.get_num_threads()
+        shared = root / "shared"
+        ctx = RunContext(load_recipe(RECIPE, [*steps, *EVAL, "eval.model_from=base"]), Store(str(shared)), "bench",
+                         log_dir=root / "logs")
+        publish_recipe(ctx)
+        for stage in ("data", "base"):
+            run_stage(ctx, stage)
+        out["models"]["base"] = {"perplexity_by_length": run_stage(ctx, "eval").manifest.metrics["perplexity"]["by_length"]}
+        for name, overrides in VARIANTS.items():
+            store = Store(str(root / name))
+            vctx = RunContext(load_recipe(RECIPE, [*steps, *EVAL, *overrides]), store, "bench", log_dir=root / "logs")
+            publish_recipe(vctx)
+            for stage in ("data", "base"):  # the same streams and base model: done, not re-run
+                shutil.copytree(shared / "bench" / stage, store.local_path(stage_prefix("bench", stage)))
+            with PeakMemory() as memory:
+                trained = run_stage(vctx, "longlora").manifest
+            if name == "longlora":
+                run_stage(vctx, "merge")
+            evaluated = run_stage(vctx, "eval").manifest
+            stage_dir = store.local_path("bench/longlora")
+            rows = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            rates = [r["tokens_per_s"] for r in rows[1:] if r.get("tokens_per_s")]
+            total = trained.metrics.get("total_params") or count_params(stage_dir / "hf" / "model.safetensors")
+            out["models"][name] = {
+                "tokens_per_s_median": statistics.median(rates), "peak_rss_gib": memory.peak / 2**30,
+                "trainable_params": trained.metrics.get("trainable_params", total), "total_params": total,
+                "checkpoint_bytes": folder_bytes(stage_dir / trained.artifacts["checkpoint"]),
+                "loss_first": trained.metrics["loss_first"], "loss_last10": trained.metrics["loss_last10"],
+                "perplexity_by_length": evaluated.metrics["perplexity"]["by_length"],
+            }
+        lora, full = out["models"]["longlora"], out["models"]["full"]
+        out["ratios_longlora_over_full"] = {
+            "tokens_per_s": lora["tokens_per_s_median"] / full["tokens_per_s_median"],
+            "peak_rss": lora["peak_rss_gib"] / full["peak_rss_gib"],
+            "trainable_params": lora["trainable_params"] / full["trainable_params"],
+            "checkpoint_bytes": lora["checkpoint_bytes"] / full["checkpoint_bytes"],
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+    dest = ROOT / "bench" / "results" / f"longlora_vs_full-{out['machine']}.json"
+    dest.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
