@@ -49,10 +49,21 @@ class _Config(BaseModel):
 
     def digest_dump(self, exclude: set[str] = frozenset()) -> dict:
         """The config as a stage's digest covers it (``exclude``: fields covered otherwise)."""
-        out = self.model_dump(mode="json", exclude={"kind", *exclude})
-        for name in self.ADDED_LATER:
-            if name in out and getattr(self, name) == type(self).model_fields[name].default:
+        return self._without_later_defaults(self.model_dump(mode="json", exclude={"kind", *exclude}))
+
+    def _without_later_defaults(self, out: dict) -> dict:
+        """``out`` (this config's dump) without ADDED_LATER fields at their defaults, at every level:
+        in nested sections and in mappings of them (``data.domains``) too."""
+        for name in list(out):
+            value = getattr(self, name, None)
+            if name in self.ADDED_LATER and value == type(self).model_fields[name].default:
                 del out[name]
+            elif isinstance(value, _Config) and isinstance(out[name], dict):
+                out[name] = value._without_later_defaults(out[name])
+            elif isinstance(value, dict) and isinstance(out[name], dict):
+                for key, item in value.items():
+                    if isinstance(item, _Config) and isinstance(out[name].get(key), dict):
+                        out[name][key] = item._without_later_defaults(out[name][key])
         return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, model_validator
 
 from prolong.config.base import Tokens, _Config
 
@@ -111,16 +111,6 @@ class DomainConfig(_Config):
             if self.kind != "sft" and getattr(self, name) != type(self).model_fields[name].default:
                 raise ValueError(f"{name}: applies to sft domains only (this domain is {self.kind})")
         return self
-
-    @model_serializer(mode="wrap")
-    def _without_unset_later_fields(self, handler):
-        # The data stage's digest is the dump of `data:`: options added later stay out of it at their
-        # default, so the data of recipes written before them keeps its digest.
-        out = handler(self)
-        for name in self.ADDED_LATER:
-            if isinstance(out, dict) and getattr(self, name) == type(self).model_fields[name].default:
-                out.pop(name, None)
-        return out
 
 
 class DataConfig(_Config):

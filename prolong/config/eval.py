@@ -257,12 +257,3 @@ class EvalConfig(StageConfig):
     def lengths_of(self, task) -> list[int]:
         own = task.test_lengths() if isinstance(task, PasskeyConfig) else None
         return own or list(task.lengths or self.lengths)
-
-    def digest_dump(self, exclude: set[str] = frozenset()) -> dict:
-        # the base drops this level's ADDED_LATER fields only; the task sections have their own
-        out = super().digest_dump(exclude)
-        for name, value in out.items():
-            part = getattr(self, name, None)
-            if isinstance(part, _Config) and part.ADDED_LATER and isinstance(value, dict):
-                out[name] = part.digest_dump()
-        return out

@@ -121,7 +121,7 @@ class DataStage(StreamsStage):
         needs = {s: {k: r["stages"][s][k] for k in ("seq_len", "steps", "batch_tokens", "mixture")}
                  for s in self.readers()}
         tokenizer = {"ref": model.tokenizer_path, **tokenizer_fingerprint(model.tokenizer_path, model.revision)}
-        return {"data": r["data"], "tokenizer": tokenizer, "needs": needs}
+        return {"data": self.recipe.data.digest_dump(), "tokenizer": tokenizer, "needs": needs}
 
     def check(self, ctx, reruns: set[str]) -> None:
         recipe = self.recipe
