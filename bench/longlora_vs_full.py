@@ -38,13 +38,26 @@ sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "recipes" / "tiny-longlora.yaml"
 EVAL = ["eval.perplexity.seq_lens=[256,512,1K]"]
+# the stages each run keeps, and what it changes in the recipe's context extension (`longlora`)
 VARIANTS = {
-    "longlora": ["eval.model_from=merge"],
-    "full": ["longlora.lora=null", "model.attention_pattern=full", "longlora.rope_scaling=null",
-             "longlora.rope_theta=1.6e5", "longlora.lr_schedule=cosine", "longlora.warmup_steps=null",
-             "longlora.warmup_ratio=0.1", "longlora.min_lr_ratio=0.1", "longlora.optim.weight_decay=0.1",
-             "eval.model_from=longlora"],
+    # longlora is kept (not run) so that the data stage prepares its streams too: one data stage for all
+    "base": (("data", "base", "longlora", "eval"), ["eval.model_from=base"]),
+    "longlora": (("data", "base", "longlora", "merge", "eval"), ["eval.model_from=merge"]),
+    "full": (("data", "base", "longlora", "eval"),
+             ["longlora.lora=null", "model.attention_pattern=full", "longlora.rope_scaling=null",
+              "longlora.rope_theta=1.6e5", "longlora.lr_schedule=cosine", "longlora.warmup_steps=null",
+              "longlora.warmup_ratio=0.1", "longlora.min_lr_ratio=0.1", "longlora.optim.weight_decay=0.1",
+              "eval.model_from=longlora"]),
 }
+
+
+def variant(name: str, steps: list[str]):
+    from prolong.recipe import apply_overrides, read_recipe_file, recipe_from_dict
+
+    keep, overrides = VARIANTS[name]
+    raw = read_recipe_file(RECIPE)
+    raw["stages"] = {k: v for k, v in raw["stages"].items() if k in keep}
+    return recipe_from_dict(apply_overrides(raw, [*steps, *EVAL, *overrides]))
 
 
 class PeakMemory:
@@ -92,8 +105,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps of the context extension (4K tokens each)")
     args = ap.parse_args()
     from prolong.layout import stage_prefix
+    from prolong.manifest import read_manifest
     from prolong.pipeline import RunContext, publish_recipe, run_stage
-    from prolong.recipe import load_recipe
     from prolong.store import Store
 
     steps = [f"longlora.steps={args.steps}", f"longlora.checkpoint_every={args.steps}"]
@@ -105,20 +118,22 @@ def main() -> None:
 
         out["torch_threads"] = torch.get_num_threads()
         shared = root / "shared"
-        ctx = RunContext(load_recipe(RECIPE, [*steps, *EVAL, "eval.model_from=base"]), Store(str(shared)), "bench",
-                         log_dir=root / "logs")
+        ctx = RunContext(variant("base", steps), Store(str(shared)), "bench", log_dir=root / "logs")
         publish_recipe(ctx)
         for stage in ("data", "base"):
             run_stage(ctx, stage)
         out["models"]["base"] = {"perplexity_by_length": run_stage(ctx, "eval").manifest.metrics["perplexity"]["by_length"]}
-        for name, overrides in VARIANTS.items():
+        for name in ("longlora", "full"):
             store = Store(str(root / name))
-            vctx = RunContext(load_recipe(RECIPE, [*steps, *EVAL, *overrides]), store, "bench", log_dir=root / "logs")
+            vctx = RunContext(variant(name, steps), store, "bench", log_dir=root / "logs")
             publish_recipe(vctx)
             for stage in ("data", "base"):  # the same streams and base model: done, not re-run
                 shutil.copytree(shared / "bench" / stage, store.local_path(stage_prefix("bench", stage)))
             with PeakMemory() as memory:
-                trained = run_stage(vctx, "longlora").manifest
+                trained = run_stage(vctx, "longlora")
+            assert not any(r.skipped for r in [trained]) and read_manifest(store, "bench", "base").digest == \
+                read_manifest(Store(str(shared)), "bench", "base").digest
+            trained = trained.manifest
             if name == "longlora":
                 run_stage(vctx, "merge")
             evaluated = run_stage(vctx, "eval").manifest

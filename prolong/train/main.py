@@ -108,8 +108,8 @@ def _finish(rec: StageRecorder, store: Store, trainer: Trainer, cfg: TrainStageC
                  "sequence_parallel_share": mean("sequence_parallel_share") if cfg.sequence_parallel > 1 else None,
                  "attention": attention.current_backend(), "resumed_from_step": resumed_from,
                  **({"trainable_params": lora.trainable, "total_params": lora.total} if lora is not None else {})},
-        artifacts={("adapter" if lora is not None else "hf_model"): model_out, "checkpoint": final, "metrics": "metrics.jsonl", "report": "report/report.md",
-                   "loss_curve": "report/loss_curve.png"})
+        artifacts={("adapter" if lora is not None else "hf_model"): model_out, "checkpoint": final,
+                   "metrics": "metrics.jsonl", "report": "report/report.md", "loss_curve": "report/loss_curve.png"})
 
 def run_train_stage(recipe: Recipe, store: Store, run: str, stage: str) -> None:
     world = init_world()
