@@ -17,11 +17,12 @@ pytestmark = pytest.mark.slow
 
 
 def grads_on(world: int, micro_batch: int, tmp_path, model_dir: str, ac: bool = False, engine: str = "fsdp",
-             mode: str = "grads", sp: int = 1) -> dict:
-    out = tmp_path / f"{mode}-{engine}-{world}-{micro_batch}-{ac}-sp{sp}.pt"
+             mode: str = "grads", sp: int = 1, zero_stage: int = 3, lora: bool = False) -> dict:
+    out = tmp_path / f"{mode}-{engine}{zero_stage}-{world}-{micro_batch}-{ac}-sp{sp}-lora{lora}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            str(ROOT / "tests" / "dist_helper.py"), model_dir, str(out), f"--micro-batch={micro_batch}",
-           f"--engine={engine}", f"--mode={mode}", f"--sp={sp}", *(["--ac"] if ac else [])]
+           f"--engine={engine}", f"--mode={mode}", f"--sp={sp}", f"--zero-stage={zero_stage}",
+           *(["--ac"] if ac else []), *(["--lora"] if lora else [])]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -97,6 +98,29 @@ def test_deepspeed_zero3_takes_the_same_step_as_fsdp(tmp_path, tiny_model_dir):
         # Adam's first step divides each gradient by its own magnitude, so elements with near-zero
         # gradients amplify rounding differences: compare at 2% of the update's size
         assert (zero3["grads"][name] - w).abs().max().item() <= 0.02 * update, name
+
+
+def test_lora_on_two_fsdp2_ranks_equals_one_process_and_deepspeed_zero2_and_zero3_take_the_same_step(
+        tmp_path, tiny_model_dir):
+    """A LoRA stage: the frozen base sharded by FSDP2, only adapters, embeddings and norms get
+    gradients — equal to one process on the whole batch; ZeRO-2 and ZeRO-3 update them as FSDP2."""
+    whole = grads_on(1, 8, tmp_path, tiny_model_dir, lora=True)
+    split = grads_on(2, 2, tmp_path, tiny_model_dir, lora=True)
+    names = set(whole["grads"])
+    assert names and all("lora_" in n or "embed_tokens" in n or "norm" in n for n in names)
+    assert sum("lora_A" in n for n in names) == 16 and not any("lm_head" in n or "mlp" in n for n in names)
+    assert split["grads"].keys() == names and split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    for name, g in whole["grads"].items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(split["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    fsdp = grads_on(2, 2, tmp_path, tiny_model_dir, mode="weights", lora=True)
+    for zero_stage in (2, 3):
+        ds = grads_on(2, 2, tmp_path, tiny_model_dir, engine="deepspeed", mode="weights", zero_stage=zero_stage,
+                      lora=True)
+        assert ds["loss"] == pytest.approx(fsdp["loss"], rel=1e-6)
+        assert ds["grads"].keys() == fsdp["grads"].keys()  # what trains, and only that
+        for name, w in fsdp["grads"].items():
+            torch.testing.assert_close(ds["grads"][name], w, rtol=1e-3, atol=2e-5, msg=f"ZeRO-{zero_stage} {name}")
 
 
 def test_a_recipe_trains_and_hands_off_between_stages_with_deepspeed(tmp_path):
