@@ -39,6 +39,24 @@ log "mosaicml-streaming (no deps)"
 if "$venv/bin/python" -m pip show -q torchvision >/dev/null 2>&1; then
   "${pip[@]}" uninstall -y torchvision
 fi
+# DeepSpeed's CPU collectives op (deepspeed_shm_comm), compiled ahead of time. Left to DeepSpeed it is
+# JIT-compiled by every job's first deepspeed.initialize (1-3 min on 2 cores) under a lock file in
+# ~/.cache/torch_extensions; a job killed while holding that lock (a timeout, kill -9) leaves every
+# later DeepSpeed job waiting on it forever. The wheel is built once and kept beside pip's cache.
+ds_ready() { "$venv/bin/python" -c "from deepspeed.git_version_info import installed_ops as o; assert o.get('deepspeed_shm_comm')" >/dev/null 2>&1; }
+if ! ds_ready; then
+  ds_version="$(sed -n 's/^deepspeed==//p' infra/constraints.txt)"
+  wheels="$("$venv/bin/python" -m pip cache dir)/prolong-deepspeed-shm/$ds_version"
+  if ! ls "$wheels"/deepspeed-"$ds_version"-*.whl >/dev/null 2>&1; then
+    log "deepspeed $ds_version with its CPU collectives op compiled (minutes the first time; kept in $wheels)"
+    mkdir -p "$wheels.part" && rm -f "$wheels.part"/*.whl
+    DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu "${pip[@]}" wheel --no-deps --no-build-isolation --no-cache-dir \
+      --no-binary deepspeed -w "$wheels.part" "deepspeed==$ds_version"
+    rm -rf "$wheels" && mv "$wheels.part" "$wheels"  # whole or not at all: an interrupted build is redone
+  fi
+  "${pip[@]}" install --no-deps --force-reinstall "$wheels"/deepspeed-"$ds_version"-*.whl
+  ds_ready || { echo "install: deepspeed's deepspeed_shm_comm op is not installed; see the errors above" >&2; exit 1; }
+fi
 log "project (editable)"
 "${pip[@]}" install --no-deps -e .
 # llama.cpp's GGUF converter (convert_hf_to_gguf.py, conversion/, the gguf-py it was released with), unpacked
