@@ -19,6 +19,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# One torch (OpenMP) thread per process, in the tests and in every job and server they start: on 2
+# shared cores a 2-thread process spins waiting for a thread that is not scheduled. Measured on such
+# a machine: a FAST stage-1 job 97-116 s with torch's default, 36-44 s with one thread (and a third
+# of the CPU time); test_export's 109 training steps 243 s, then 24 s. Set it to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # The tiny recipe cut down to seconds per stage for tests (same stages, rules and hand-offs).
 FAST = [
     "stage1.steps=6", "stage1.checkpoint_every=3", "stage1.batch_tokens=2K",
@@ -48,11 +54,11 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -198,3 +204,88 @@ def copy_recipe(tmp_path: Path, name: str = "tiny.yaml") -> Path:
     dst = tmp_path / name
     shutil.copy(ROOT / "recipes" / name, dst)
     return dst
+
+
+def sets(overrides) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+# ---------------------------------------------------------------- finished stages, shared
+
+
+def copy_stage(folder: Path, store, run: str, stage: str) -> None:
+    """A finished stage's folder into run ``run`` of ``store`` (local or S3), its manifest last.
+    Input keys name no run or store, so the copy is done there for a recipe with the same inputs."""
+    if store.is_local:
+        shutil.copytree(folder, store.local_path(f"{run}/{stage}"))
+        return
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        store.put_file(f, f"{run}/{stage}/{f.relative_to(folder).as_posix()}")
+    store.put_file(folder / "manifest.json", f"{run}/{stage}/manifest.json")
+
+
+class DataStages:
+    """Finished data stages of the tiny recipe, one job per set of inputs per session: a test whose
+    subject is a later stage starts from a copy instead of preparing the same data again."""
+
+    def __init__(self, root: Path):
+        self.root, self.made = root, {}
+
+    @staticmethod
+    def key(overrides, recipe: Path) -> str:
+        from prolong.recipe import load_recipe
+
+        return load_recipe(recipe, list(overrides)).graph["data"].config_digest()
+
+    def add(self, overrides, folder: Path, recipe: Path = ROOT / "recipes" / "tiny.yaml") -> None:
+        self.made.setdefault(self.key(overrides, recipe), folder)
+
+    def seed(self, store, run: str, overrides=(), recipe: Path = ROOT / "recipes" / "tiny.yaml") -> None:
+        """Put a finished data stage for ``recipe`` with ``overrides`` into ``run`` of ``store``."""
+        from prolong.jobs import get_backend
+        from prolong.pipeline import RunContext, publish_recipe, run_stage
+        from prolong.recipe import load_recipe
+        from prolong.store import Store
+
+        key = self.key(overrides, recipe)
+        if key not in self.made:
+            source = Store(str(self.root / key[:16]))
+            # a job on this machine whatever the recipe's backend: jobs.* is not among the data stage's inputs
+            ctx = RunContext(recipe=load_recipe(recipe, list(overrides)), store=source, run="data",
+                             backend=get_backend("local"))
+            publish_recipe(ctx)
+            run_stage(ctx, "data")
+            self.made[key] = source.local_path("data/data")
+        copy_stage(self.made[key], store, run, "data")
+
+
+@pytest.fixture(scope="session")
+def data_stages(tmp_path_factory) -> DataStages:
+    return DataStages(tmp_path_factory.mktemp("data-stages"))
+
+
+TINY_RUN = "e2e"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect_server, data_stages, tmp_path_factory) -> dict:
+    """The tiny recipe cut down (FAST) run once end to end through the CLI on the session's Prefect
+    server: test_e2e checks this run, and tests that need finished upstream stages copy them (seed)."""
+    from prolong.store import Store
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    env = {"PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(root / "prefect-client"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    store = Store(str(root / "runs"))
+    out = prolong_cli("run", "recipes/tiny.yaml", "--store", store.url, "--run-name", TINY_RUN, *sets(FAST), env=env,
+                      check=True)
+    data_stages.add(FAST, store.local_path(f"{TINY_RUN}/data"))
+    return {"store": store, "run": TINY_RUN, "out": out}
+
+
+def seed(tiny_run: dict, store, run: str, stages=("data", "stage1")) -> None:
+    """Copy finished stages of the shared tiny run into ``run`` of ``store``: they are done there for
+    a recipe whose inputs to them are FAST's (the data stage's include every training stage's steps
+    and batch size; stage 1's, its own fields only)."""
+    for stage in stages:
+        copy_stage(tiny_run["store"].local_path(f"{tiny_run['run']}/{stage}"), store, run, stage)

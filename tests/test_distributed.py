@@ -42,11 +42,11 @@ def test_two_ranks_times_two_accumulation_steps_equal_one_process_on_the_whole_b
         torch.testing.assert_close(split["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_training_stage_runs_on_two_ranks_with_sharded_checkpoints(tmp_path):
+def test_a_training_stage_runs_on_two_ranks_with_sharded_checkpoints(tmp_path, data_stages):
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", [*FAST, "jobs.nproc_per_node=2"])
     ctx = RunContext(recipe=recipe, store=Store(str(tmp_path / "runs")), run="dp2")
     publish_recipe(ctx)
-    run_stage(ctx, "data")
+    data_stages.seed(ctx.store, "dp2", FAST)  # the ranks are not among the data stage's inputs
     result = run_stage(ctx, "stage1")
     m = result.manifest.metrics
     assert m["world_size"] == 2 and m["accumulation"] == 2 and m["loss_last"] < m["loss_first"]
@@ -57,12 +57,13 @@ def test_a_training_stage_runs_on_two_ranks_with_sharded_checkpoints(tmp_path):
     assert stage2.metrics["world_size"] == 2 and stage2.upstream["stage1"] == read_manifest(ctx.store, "dp2", "stage1").digest
 
 
-def test_two_ranks_on_an_s3_store(s3_store):
+def test_two_ranks_on_an_s3_store(s3_store, data_stages):
     """Shards, checkpoints and the upstream model travel through the store, not a shared disk."""
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", [*FAST, "jobs.nproc_per_node=2"])
     ctx = RunContext(recipe=recipe, store=Store(s3_store), run="dp2s3")
     publish_recipe(ctx)
-    for stage in ("data", "stage1", "stage2"):
+    data_stages.seed(ctx.store, "dp2s3", FAST)  # the shards, in the bucket
+    for stage in ("stage1", "stage2"):
         run_stage(ctx, stage)
     m = read_manifest(ctx.store, "dp2s3", "stage2")
     shards = [o["path"] for o in m.outputs if o["path"].endswith(".distcp")]
@@ -123,12 +124,13 @@ def test_lora_on_two_fsdp2_ranks_equals_one_process_and_deepspeed_zero2_and_zero
             torch.testing.assert_close(ds["grads"][name], w, rtol=1e-3, atol=2e-5, msg=f"ZeRO-{zero_stage} {name}")
 
 
-def test_a_recipe_trains_and_hands_off_between_stages_with_deepspeed(tmp_path):
+def test_a_recipe_trains_and_hands_off_between_stages_with_deepspeed(tmp_path, data_stages):
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", [*FAST, "jobs.nproc_per_node=2", "parallel.engine=deepspeed",
                                                           "parallel.zero_stage=2"])
     ctx = RunContext(recipe=recipe, store=Store(str(tmp_path / "runs")), run="ds")
     publish_recipe(ctx)
-    for stage in ("data", "stage1", "stage2"):  # stage 2 takes weights and ZeRO-2 moments from stage 1
+    data_stages.seed(ctx.store, "ds", FAST)
+    for stage in ("stage1", "stage2"):  # stage 2 takes weights and ZeRO-2 moments from stage 1
         m = run_stage(ctx, stage).manifest
     assert m.metrics["loss_last"] < m.metrics["loss_first"] * 1.05
     assert any("zero_pp_rank_1" in o["path"] for o in m.outputs)  # DeepSpeed's partitioned optimizer states

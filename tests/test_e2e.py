@@ -3,6 +3,7 @@ under real torchrun, artifacts land in a real store (local folder or S3 API serv
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ import pytest
 from prolong.manifest import read_manifest
 from prolong.store import Store
 from tasks.stages import artifact_key
-from tests.conftest import BIN, FAST, ROOT, prolong_cli
+from tests.conftest import BIN, FAST, ROOT, prolong_cli, seed
 
 pytestmark = pytest.mark.slow
 # the tiny recipe's graph: the ProLong stages, an evaluation of each training stage, the export
@@ -40,10 +41,11 @@ def manifests(store: Store, run: str) -> dict:
     return {s: m.digest for s in STAGES if (m := read_manifest(store, run, s)) is not None}
 
 
-def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path):
-    store = Store(str(tmp_path / "runs"))
-    args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "e2e", *sets(FAST)]
-    first = prolong_cli(*args, env=prefect_env, check=True)
+def test_tiny_recipe_end_to_end_then_skip_then_from_stage(tiny_run, prefect_env, tmp_path):
+    """The session's shared tiny run (conftest.tiny_run: `prolong run recipes/tiny.yaml` with FAST) is
+    this test's first run; the second run and --from-stage go to a copy of its store."""
+    store, first = tiny_run["store"], tiny_run["out"]
+    assert tiny_run["run"] == "e2e"
     done = manifests(store, "e2e")
     assert set(done) == set(STAGES), first.stdout[-3000:]
 
@@ -80,8 +82,10 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
     tasks = api(prefect_env["PREFECT_API_URL"], "/task_runs/filter",
                 {"flow_runs": {"id": {"any_": [runs[-1]["id"]]}}})
     assert sorted(t["name"] for t in tasks) == sorted(STAGES)
-    keys = {a["key"] for a in api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {})}
-    assert {"e2e-data", "e2e-eval", "e2e-summary"} | {artifact_key("e2e", s, "progress") for s in STAGES} <= keys
+    wanted = {"e2e-data", "e2e-eval", "e2e-summary"} | {artifact_key("e2e", s, "progress") for s in STAGES}
+    keys = {a["key"] for a in api(prefect_env["PREFECT_API_URL"], "/artifacts/filter",
+                                  {"artifacts": {"key": {"any_": sorted(wanted)}}})}
+    assert wanted <= keys
     progress = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter",
                    {"artifacts": {"key": {"any_": ["e2e-data-progress", "e2e-eval-progress"]}}})
     assert [a["data"] for a in progress] == [100.0, 100.0] and all(a["type"] == "progress" for a in progress)
@@ -96,6 +100,9 @@ def test_tiny_recipe_end_to_end_then_skip_then_from_stage(prefect_env, tmp_path)
     assert "| Recall |" in table[0]["data"] and "| RAG |" in table[0]["data"] and "pymodule_mc" in table[0]["data"]
 
     # a second run of the same run name skips every stage: nothing is rewritten
+    shutil.copytree(store.local_path(), tmp_path / "runs")
+    store = Store(str(tmp_path / "runs"))
+    args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "e2e", *sets(FAST)]
     again = prolong_cli(*args, env=prefect_env, check=True)
     assert manifests(store, "e2e") == done
     assert again.stdout.count("skipped") + again.stderr.count("skipped") >= len(STAGES)
@@ -112,13 +119,14 @@ def _job_pid(stage: str, store_url: str) -> int | None:
     return int(out[0]) if out else None
 
 
-def test_a_run_that_dies_in_stage2_continues_at_stage2_from_its_checkpoint(prefect_env, tmp_path):
+def test_a_run_that_dies_in_stage2_continues_at_stage2_from_its_checkpoint(tiny_run, prefect_env, tmp_path):
     store = Store(str(tmp_path / "runs"))
+    seed(tiny_run, store, "crash")  # data and stage 1 done: this run goes straight to stage 2
     args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "crash", "--stages", "data,stage1,stage2",
-            *sets(FAST), "--set", "stage2.steps=8", "--set", "stage2.checkpoint_every=2"]
+            *sets(FAST), "--set", "stage2.checkpoint_every=1"]
     proc = subprocess.Popen([str(BIN / "prolong"), *args], cwd=ROOT, env={**os.environ, **prefect_env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    marker = store.local_path("crash/stage2/checkpoints/step_00000002/COMPLETE")
+    marker = store.local_path("crash/stage2/checkpoints/step_00000001/COMPLETE")
     deadline = time.monotonic() + 600
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -137,9 +145,9 @@ def test_a_run_that_dies_in_stage2_continues_at_stage2_from_its_checkpoint(prefe
     after = manifests(store, "crash")
     assert after["data"] == before["data"] and after["stage1"] == before["stage1"]  # not re-run
     m = read_manifest(store, "crash", "stage2").metrics
-    assert m["resumed_from_step"] >= 2 and m["steps"] == 8
+    assert m["resumed_from_step"] >= 1 and m["steps"] == 4
     lines = [json.loads(x) for x in store.read_text("crash/stage2/metrics.jsonl").splitlines()]
-    assert [x["step"] for x in lines] == list(range(1, 9))  # one line per step across both attempts
+    assert [x["step"] for x in lines] == list(range(1, 5))  # one line per step across both attempts
     assert flow_runs(prefect_env, "crash")[-1]["state_type"] == "COMPLETED"
 
 

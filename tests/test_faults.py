@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,12 +55,12 @@ def shard_digests(store: Store, run: str) -> dict[str, str]:
 # ---------------------------------------------------------------- SIGKILL at random points
 
 
-def test_sigkill_at_a_random_point_of_every_stage_kind_then_the_rerun_completes_it(tmp_path):
+def test_sigkill_at_a_random_point_of_every_stage_kind_then_the_rerun_completes_it(tmp_path, data_stages):
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     store = Store(str(tmp_path / "runs"))
-    straight = context(store, "straight")
-    run_stage(straight, "data")
+    context(store, "straight")
+    data_stages.seed(store, "straight", [*TRAIN, *EVAL])  # a data job of these inputs, never interrupted
     killed = context(store, "killed")
     for stage in ("data", "stage1", "eval"):
         job = killed.backend.submit(job_spec(killed, stage, f"killed-{stage}"))
@@ -95,8 +96,9 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_a_full_disk_is_one_line_naming_what_could_not_be_written(tiny_disk, prefect_env):
+def test_a_full_disk_is_one_line_naming_what_could_not_be_written(tiny_disk, prefect_env, data_stages):
     store = Store(str(tiny_disk / "runs"))
+    data_stages.seed(store, "full", TRAIN)  # done, on the small disk: the run goes on to stage 1
     args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "full", *sets(TRAIN)]
     p = prolong_cli(*args, "--stages", "data,stage1", env=prefect_env)
     last = p.stderr.strip().splitlines()[-1]
@@ -153,8 +155,17 @@ def _wait_for_job(store_url: str, stage: str, timeout: float = 120) -> None:
     raise AssertionError(f"no {stage} job started")
 
 
-def test_an_s3_server_frozen_mid_stage_delays_the_run_and_one_killed_fails_it_in_one_line(own_s3, prefect_env):
+def test_an_s3_server_frozen_mid_stage_delays_the_run_and_one_killed_fails_it_in_one_line(own_s3, prefect_env,
+                                                                                           data_stages):
     env = {**prefect_env, **own_s3["env"]}
+    with pytest.MonkeyPatch.context() as mp:  # the data stage done, in the bucket: the run goes on to stage 1
+        for k, v in own_s3["env"].items():
+            mp.setenv(k, v)
+        from s3fs import S3FileSystem
+
+        S3FileSystem.clear_instance_cache()
+        data_stages.seed(Store(own_s3["url"]), "s3f", TRAIN)
+        S3FileSystem.clear_instance_cache()
     args = ["run", "recipes/tiny.yaml", "--store", own_s3["url"], "--run-name", "s3f", *sets(TRAIN),
             "--stages", "data,stage1"]
     proc = subprocess.Popen([str(BIN / "prolong"), *args], cwd=ROOT, env={**os.environ, **env}, text=True,
@@ -203,17 +214,23 @@ def start_prefect(home: Path, port: int) -> subprocess.Popen:
     return proc
 
 
-def test_a_prefect_server_stopped_for_90_s_does_not_stop_training_and_the_run_completes(tmp_path):
+def test_a_prefect_server_stopped_for_90_s_does_not_stop_training_and_the_run_completes(tmp_path, data_stages):
     home = tmp_path / "prefect-home"
     home.mkdir()
     port = free_port()
-    server = start_prefect(home, port)
-    env = {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(tmp_path / "client"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     store = Store(str(tmp_path / "runs"))
     steps = 60
+    overrides = [*TRAIN, f"stage1.steps={steps}", "stage1.checkpoint_every=10"]
+    with ThreadPoolExecutor(1) as pool:  # the data stage is done while the server starts: stage 1 is the subject
+        data = pool.submit(data_stages.seed, store, "outage", overrides)
+        server = start_prefect(home, port)
+    if data.exception() is not None:
+        stop(server)
+        raise data.exception()
+    env = {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(tmp_path / "client"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "outage", "--stages", "data,stage1",
-            *sets([*TRAIN, f"stage1.steps={steps}", "stage1.checkpoint_every=10"])]
+            *sets(overrides)]
     proc = subprocess.Popen([str(BIN / "prolong"), *args], cwd=ROOT, env={**os.environ, **env}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
@@ -243,10 +260,12 @@ def test_a_prefect_server_stopped_for_90_s_does_not_stop_training_and_the_run_co
 
 
 def test_a_killed_orchestrator_leaves_an_interrupted_run_that_the_next_run_resumes_and_marks_crashed(
-        tmp_path, prefect_env):
+        tmp_path, prefect_env, data_stages):
     store = Store(str(tmp_path / "runs"))
+    overrides = [*TRAIN, "stage1.steps=30", "stage1.checkpoint_every=2"]
+    data_stages.seed(store, "orphan", overrides)  # the run goes straight to stage 1, the one killed
     args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "orphan", "--stages", "data,stage1",
-            *sets([*TRAIN, "stage1.steps=30", "stage1.checkpoint_every=2"])]
+            *sets(overrides)]
     proc = subprocess.Popen([str(BIN / "prolong"), *args], cwd=ROOT, env={**os.environ, **prefect_env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     marker = store.local_path("orphan/stage1/checkpoints/step_00000002/COMPLETE")

@@ -15,7 +15,7 @@ import pytest
 from prolong.recipe import load_recipe
 from prolong.manifest import read_manifest
 from prolong.store import Store
-from tests.conftest import FAST, ROOT, prolong_cli
+from tests.conftest import FAST, ROOT, prolong_cli, seed
 from tests.prefect_helpers import POOL, api, deploy, prefect, tail, wait_for_progress, wait_for_run, worker  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -44,12 +44,14 @@ def test_prefect_deploy_all_creates_the_recipe_8b_and_nightly_deployments(prefec
     assert nightly["parameters"]["run_name"] == "prolong-8b"
 
 
-def test_cancelling_a_flow_run_in_prefect_stops_its_job_and_leaves_no_process(prefect_env, tmp_path, worker):
+def test_cancelling_a_flow_run_in_prefect_stops_its_job_and_leaves_no_process(prefect_env, tmp_path, worker,
+                                                                              data_stages):
     store = tmp_path / "runs"
     run_name = f"cancel-{uuid.uuid4().hex[:8]}"
+    overrides = [*FAST, "stage1.steps=400"]
+    data_stages.seed(Store(str(store)), run_name, overrides)  # the flow run goes straight to stage 1
     dep = deploy(prefect_env, tmp_path, "tiny", {"store": str(store), "run_name": run_name,
-                                                 "stages": ["data", "stage1"],
-                                                 "overrides": [*FAST, "stage1.steps=400"]})
+                                                 "stages": ["data", "stage1"], "overrides": overrides})
     url = prefect_env["PREFECT_API_URL"]
     run = api(url, f"/deployments/{dep['id']}/create_flow_run", {})
     progress = store / run_name / "stage1" / "progress.json"
@@ -67,17 +69,18 @@ def test_cancelling_a_flow_run_in_prefect_stops_its_job_and_leaves_no_process(pr
 
 
 def test_a_failed_flow_run_retried_from_prefect_resumes_and_nightly_evaluates_the_newest_checkpoint(
-        prefect_env, tmp_path, worker):
+        prefect_env, tmp_path, worker, tiny_run):
     store = Store(str(tmp_path / "runs"))
     run_name = f"retry-{uuid.uuid4().hex[:8]}"
+    seed(tiny_run, store, run_name)  # data and stage 1 done: the flow run goes straight to stage 2
     dep = deploy(prefect_env, tmp_path, "tiny", {"store": store.url, "run_name": run_name,
                                                  "stages": ["data", "stage1", "stage2"],
-                                                 "overrides": [*FAST, "stage2.steps=8", "stage2.checkpoint_every=2"]})
+                                                 "overrides": [*FAST, "stage2.checkpoint_every=1"]})
     url = prefect_env["PREFECT_API_URL"]
     run = api(url, f"/deployments/{dep['id']}/create_flow_run", {})
 
     # the node running stage 2 dies after its first checkpoint: the flow run fails
-    marker = store.local_path(f"{run_name}/stage2/checkpoints/step_00000002/COMPLETE")
+    marker = store.local_path(f"{run_name}/stage2/checkpoints/step_00000001/COMPLETE")
     deadline = time.monotonic() + 600
     while not marker.exists():
         assert time.monotonic() < deadline, f"stage 2 never checkpointed:\n{tail(worker['log'])}"
@@ -109,4 +112,4 @@ def test_a_failed_flow_run_retried_from_prefect_resumes_and_nightly_evaluates_th
         {"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True})
     wait_for_run(url, run["id"], ("COMPLETED",), worker, timeout=600)
     assert {s: read_manifest(store, run_name, s).digest for s in ("data", "stage1")} == before
-    assert read_manifest(store, run_name, "stage2").metrics["resumed_from_step"] >= 2
+    assert read_manifest(store, run_name, "stage2").metrics["resumed_from_step"] >= 1

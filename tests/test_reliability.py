@@ -1,9 +1,9 @@
 """Reliability, case by case: nothing outside the store, nothing lost to bad input, nothing trained
 on corrupt data, one run per run name, damaged outputs named with a way forward, one-line errors.
 
-Most tests start from one finished run (data + stage 1 of the tiny recipe, made once per module)
-copied into their own store. Faults of the machine and its services (kills, full disks, servers
-stopped) are in test_faults.py."""
+Most tests start from one finished run (data + stage 1 of the tiny recipe: those of the session's
+shared tiny run) copied into their own store. Faults of the machine and its services (kills, full
+disks, servers stopped) are in test_faults.py."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from prolong.manifest import DamagedManifest, read_manifest
 from prolong.pipeline import RunContext, job_spec, publish_recipe, run_stage, status_table
 from prolong.preflight import check_run
 from prolong.store import Store
-from tests.conftest import FAST, ROOT, prolong_cli
+from tests.conftest import FAST, ROOT, prolong_cli, seed
 
 pytestmark = pytest.mark.slow
 RUN = "r"
@@ -47,12 +47,11 @@ def context(store: Store, overrides=(), run: str = RUN) -> RunContext:
 
 
 @pytest.fixture(scope="module")
-def golden(tmp_path_factory) -> Path:
+def golden(tiny_run, tmp_path_factory) -> Path:
     """A store holding run "r" with data and stage 1 done."""
     root = tmp_path_factory.mktemp("golden") / "runs"
-    ctx = context(Store(str(root)))
-    run_stage(ctx, "data")
-    run_stage(ctx, "stage1")
+    context(Store(str(root)))
+    seed(tiny_run, Store(str(root)), RUN)
     return root
 
 
@@ -175,9 +174,9 @@ def test_a_damaged_shard_stops_training_before_the_first_step_and_names_the_shar
     assert "step 1/" not in job_log  # not one step trained
 
 
-def test_a_shard_damaged_in_an_s3_store_is_named_when_fetched_and_never_trained_on(s3_store):
+def test_a_shard_damaged_in_an_s3_store_is_named_when_fetched_and_never_trained_on(s3_store, data_stages):
     ctx = context(Store(s3_store))
-    run_stage(ctx, "data")
+    data_stages.seed(ctx.store, RUN, TRAIN)  # a finished data stage in the bucket
     rel = next(f"{RUN}/data/streams/L512/books@512/{f}" for f in ctx.store.walk_files(f"{RUN}/data/streams/L512/books@512")
                if f.startswith("shard."))
     data = bytearray(ctx.store.read_bytes(rel))

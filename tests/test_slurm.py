@@ -259,10 +259,16 @@ def test_preemption_requeues_the_job_and_the_handle_follows(slurm_cluster, tmp_p
     assert urgent not in squeue_ids()
 
 
+# what the evaluation and the export do is checked elsewhere (test_e2e, test_export_stage): here they
+# only have to run as Slurm jobs, so they do little
+LIGHT = ["eval.lengths=[512]", "export.gguf=[f16]",
+         *(f"eval.{k}=null" for k in ("helmet", "lm_eval", "perplexity", "passkey", "needle"))]
+
+
 def test_the_tiny_recipe_runs_end_to_end_on_slurm(slurm_cluster, prefect_env, tmp_path):
     """Every stage of the tiny recipe as a Slurm job, orchestrated by the prolong-recipe flow."""
     store = Store(str(tmp_path / "runs"))
-    sets = [x for o in [*FAST, "jobs.backend=slurm"] for x in ("--set", o)]
+    sets = [x for o in [*FAST, *LIGHT, "jobs.backend=slurm"] for x in ("--set", o)]
     out = prolong_cli("run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "on-slurm", *sets,
                       env={**prefect_env, "SLURM_CONF": os.environ["SLURM_CONF"]}, check=True)
     for stage in STAGES:
@@ -277,14 +283,16 @@ def test_the_tiny_recipe_runs_end_to_end_on_slurm(slurm_cluster, prefect_env, tm
 
 
 @pytest.mark.slow
-def test_cancelling_a_flow_run_in_prefect_scancels_its_slurm_job(slurm_cluster, prefect_env, tmp_path, worker):
+def test_cancelling_a_flow_run_in_prefect_scancels_its_slurm_job(slurm_cluster, prefect_env, tmp_path, worker,
+                                                                data_stages):
     """Cancel from the UI on the slurm backend: the flow run's process gets the worker's SIGTERM,
     the waiting stage scancels its job, and nothing of it is left in the queue or on the node."""
     store = tmp_path / "runs"
     run_name = f"cancel-slurm-{uuid.uuid4().hex[:8]}"
+    overrides = [*FAST, "stage1.steps=400", "jobs.backend=slurm"]
+    data_stages.seed(Store(str(store)), run_name, overrides)  # the flow run goes straight to stage 1
     dep = deploy(prefect_env, tmp_path, "tiny", {"store": str(store), "run_name": run_name,
-                                                 "stages": ["data", "stage1"],
-                                                 "overrides": [*FAST, "stage1.steps=400", "jobs.backend=slurm"]})
+                                                 "stages": ["data", "stage1"], "overrides": overrides})
     url = prefect_env["PREFECT_API_URL"]
     run = api(url, f"/deployments/{dep['id']}/create_flow_run", {})
     progress = store / run_name / "stage1" / "progress.json"
@@ -306,13 +314,14 @@ def test_cancelling_a_flow_run_in_prefect_scancels_its_slurm_job(slurm_cluster, 
 
 @pytest.mark.slow
 def test_a_slurm_job_whose_submitter_was_killed_is_stopped_and_resumed_by_the_next_run(slurm_cluster, prefect_env,
-                                                                                      tmp_path):
+                                                                                      tmp_path, data_stages):
     """A worker killed outright (SIGKILL, a lost machine) cannot scancel: its Slurm job runs on. The
     next run of the stage finds it through {stage}/job.json, stops it gracefully (the ranks
     checkpoint) and resumes from that checkpoint — two jobs never train one stage."""
     store = Store(str(tmp_path / "runs"))
-    sets = [x for o in [*FAST, "stage1.steps=24", "stage1.checkpoint_every=1000", "jobs.backend=slurm"]
-            for x in ("--set", o)]
+    overrides = [*FAST, "stage1.steps=30", "stage1.checkpoint_every=1000", "jobs.backend=slurm"]
+    data_stages.seed(store, "orphan", overrides)  # the run goes straight to stage 1, the job orphaned
+    sets = [x for o in overrides for x in ("--set", o)]
     args = ["run", "recipes/tiny.yaml", "--store", store.url, "--run-name", "orphan", "--stages", "data,stage1", *sets]
     env = {**os.environ, **prefect_env, "SLURM_CONF": os.environ["SLURM_CONF"]}
     first = subprocess.Popen([str(ROOT / ".venv" / "bin" / "prolong"), *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
