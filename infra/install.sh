@@ -46,7 +46,8 @@ fi
 ds_ready() { "$venv/bin/python" -c "from deepspeed.git_version_info import installed_ops as o; assert o.get('deepspeed_shm_comm')" >/dev/null 2>&1; }
 if ! ds_ready; then
   ds_version="$(sed -n 's/^deepspeed==//p' infra/constraints.txt)"
-  wheels="$("$venv/bin/python" -m pip cache dir)/prolong-deepspeed-shm/$ds_version"
+  cache="$("$venv/bin/python" -m pip cache dir 2>/dev/null || echo "${XDG_CACHE_HOME:-$HOME/.cache}/prolong")"  # pip's cache may be off
+  wheels="$cache/prolong-deepspeed-shm/$ds_version"
   if ! ls "$wheels"/deepspeed-"$ds_version"-*.whl >/dev/null 2>&1; then
     log "deepspeed $ds_version with its CPU collectives op compiled (minutes the first time; kept in $wheels)"
     mkdir -p "$wheels.part" && rm -f "$wheels.part"/*.whl
