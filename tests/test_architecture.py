@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 PACKAGES = ("prolong", "flows", "tasks")
 # the orchestrator's modules: the Prefect worker and the CLI's run path import these
 ORCHESTRATION = ("prolong.pipeline", "prolong.snapshots", "prolong.preflight", "prolong.doctor", "prolong.lease",
-                 "prolong.cli", "flows", "tasks")
+                 "flows", "tasks")
 # what runs inside jobs (python -m prolong.jobs.entry and everything it loads)
 JOB_SIDE = ("prolong.data", "prolong.model", "prolong.train", "prolong.parallel", "prolong.eval",
             "prolong.jobs.entry")
@@ -90,6 +90,13 @@ def under(name: str, prefixes) -> bool:
 def test_the_model_code_knows_nothing_of_parallelism_or_training():
     bad = [f"{ALL[name].relative_to(ROOT)}:{line} imports {imp}" for name in ALL if under(name, ("prolong.model",))
            for line, imp in imports_of(name, ALL[name]) if under(imp, ("prolong.parallel", "prolong.train"))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_library_imports_no_prefect():
+    """prolong/ is usable without Prefect: flows/ and tasks/ (the CLI included) are its adapters."""
+    bad = [f"{ALL[name].relative_to(ROOT)}:{line} imports {imp}" for name in ALL if under(name, ("prolong",))
+           for line, imp in imports_of(name, ALL[name]) if under(imp, ("prefect", "flows", "tasks"))]
     assert not bad, "\n".join(bad)
 
 

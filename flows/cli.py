@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         line = _one_line(e)
         if line is None:
             raise
-        logging.getLogger("prolong.cli").debug("failure", exc_info=True)
+        logging.getLogger("flows.cli").debug("failure", exc_info=True)
         print(f"error: {line} [log: {log_file}]", file=sys.stderr)
         return 5
 
