@@ -214,14 +214,9 @@ def sets(overrides) -> list[str]:
 
 
 def copy_stage(folder: Path, store, run: str, stage: str) -> None:
-    """A finished stage's folder into run ``run`` of ``store`` (local or S3), its manifest last.
-    Input keys name no run or store, so the copy is done there for a recipe with the same inputs."""
-    if store.is_local:
-        shutil.copytree(folder, store.local_path(f"{run}/{stage}"))
-        return
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        store.put_file(f, f"{run}/{stage}/{f.relative_to(folder).as_posix()}")
-    store.put_file(folder / "manifest.json", f"{run}/{stage}/manifest.json")
+    """A finished stage's folder into run ``run`` of ``store`` (local or S3). Input keys name no run
+    or store, so the copy is done there for a recipe with the same inputs."""
+    store.put_dir(folder, f"{run}/{stage}")
 
 
 class DataStages:

@@ -14,15 +14,11 @@ import pytest
 from prolong.manifest import read_manifest
 from prolong.store import Store
 from tasks.stages import artifact_key
-from tests.conftest import BIN, FAST, ROOT, prolong_cli, seed
+from tests.conftest import BIN, FAST, ROOT, prolong_cli, seed, sets
 
 pytestmark = pytest.mark.slow
 # the tiny recipe's graph: the ProLong stages, an evaluation of each training stage, the export
 STAGES = ("data", "stage1", "eval_stage1", "stage2", "eval_stage2", "sft", "eval", "export")
-
-
-def sets(overrides):
-    return [x for o in overrides for x in ("--set", o)]
 
 
 def api(url: str, path: str, body: dict) -> list | dict:

@@ -16,7 +16,7 @@ from prolong.export.llama_cpp import converter_dir, read_metadata
 from prolong.manifest import read_manifest
 from prolong.store import Store, sha256_file
 from tasks.stages import artifact_key
-from tests.conftest import FAST, prolong_cli, seed
+from tests.conftest import FAST, prolong_cli, seed, sets
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(converter_dir() is None, reason="llama.cpp's converter is not installed")]
@@ -28,10 +28,6 @@ OVERRIDES = [*(o for o in FAST if o.startswith(("stage1.", "stage2.", "sft."))),
              *(f"{e}.{k}" for e in ("eval_export", "eval_served")
                for k in ("lengths=[512]", "helmet.max_items=1")), "eval_export.lm_eval.limit=8"]
 STAGES = "data,stage1,export,eval_export,eval_served"
-
-
-def sets(overrides):
-    return [x for o in overrides for x in ("--set", o)]
 
 
 def _env(prefect_server, home: Path) -> dict:

@@ -26,7 +26,7 @@ from prolong.jobs import JobState
 from prolong.manifest import read_manifest
 from prolong.pipeline import RunContext, job_spec, publish_recipe, run_stage
 from prolong.store import Store
-from tests.conftest import BIN, FAST, ROOT, free_port, prolong_cli, stop, wait_http
+from tests.conftest import BIN, FAST, ROOT, free_port, prolong_cli, sets, stop, wait_http
 from tests.prefect_helpers import api
 
 pytestmark = pytest.mark.slow
@@ -35,10 +35,6 @@ TRAIN = [o for o in FAST if o.startswith(("stage1", "stage2", "sft"))]
 EVAL = ["eval.model_from=stage1", "eval.lengths=[512]", "eval.json_kv.depths=[0.0,1.0]",
         "eval.json_kv.max_new_tokens=16", "eval.passkey.depths=[0.5]", "eval.helmet=null", "eval.needle=null",
         "eval.perplexity=null", "eval.lm_eval=null"]
-
-
-def sets(overrides) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
 
 
 def context(store: Store, run: str, overrides=()) -> RunContext:

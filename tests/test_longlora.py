@@ -17,8 +17,8 @@ import torch
 from prolong.manifest import read_manifest
 from prolong.recipe import load_recipe
 from prolong.store import Store
-from tests.conftest import BIN, ROOT, prolong_cli
-from tests.test_e2e import _job_pid, flow_runs, sets
+from tests.conftest import BIN, ROOT, prolong_cli, sets
+from tests.test_e2e import _job_pid, flow_runs
 
 pytestmark = pytest.mark.slow
 STAGES = ("data", "base", "longlora", "merge", "sft", "merge_sft", "export", "eval")

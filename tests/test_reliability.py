@@ -29,15 +29,11 @@ from prolong.manifest import DamagedManifest, read_manifest
 from prolong.pipeline import RunContext, job_spec, publish_recipe, run_stage, status_table
 from prolong.preflight import check_run
 from prolong.store import Store
-from tests.conftest import FAST, ROOT, prolong_cli, seed
+from tests.conftest import FAST, ROOT, prolong_cli, seed, sets
 
 pytestmark = pytest.mark.slow
 RUN = "r"
 TRAIN = [o for o in FAST if o.startswith(("stage1", "stage2", "sft"))]
-
-
-def sets(overrides) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
 
 
 def context(store: Store, overrides=(), run: str = RUN) -> RunContext:
