@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -21,13 +22,24 @@ from tests.conftest import BIN, FAST, ROOT, stop
 POOL = "prolong-local"
 
 
-def api(url: str, path: str, body: dict | None = None, method: str | None = None):
+# what Prefect's own client retries: the server answers 503 while its SQLite database is busy, which
+# happens on two loaded cores whenever a worker, a flow run and a test write at once
+RETRIED = {408, 429, 502, 503}
+
+
+def api(url: str, path: str, body: dict | None = None, method: str | None = None, tries: int = 6):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url}{path}", data=data, method=method or ("GET" if body is None else "POST"),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        raw = r.read()
-    return json.loads(raw) if raw else None
+    for attempt in range(tries):
+        req = urllib.request.Request(f"{url}{path}", data=data, method=method or ("GET" if body is None else "POST"),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            if e.code not in RETRIED or attempt == tries - 1:
+                raise
+            time.sleep(min(2 ** attempt, 10))
 
 
 def run_logs(url: str, flow_run_id: str, limit: int = 200) -> str:

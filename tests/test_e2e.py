@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
@@ -15,17 +14,11 @@ from prolong.manifest import read_manifest
 from prolong.store import Store
 from tasks.stages import artifact_key
 from tests.conftest import BIN, FAST, ROOT, prolong_cli, seed, sets
+from tests.prefect_helpers import api
 
 pytestmark = pytest.mark.slow
 # the tiny recipe's graph: the ProLong stages, an evaluation of each training stage, the export
 STAGES = ("data", "stage1", "eval_stage1", "stage2", "eval_stage2", "sft", "eval", "export")
-
-
-def api(url: str, path: str, body: dict) -> list | dict:
-    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def flow_runs(prefect_env, name: str) -> list[dict]:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from prolong.manifest import read_manifest
 from prolong.store import Store, sha256_file
 from tasks.stages import artifact_key
 from tests.conftest import FAST, prolong_cli, seed, sets
+from tests.prefect_helpers import api
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(converter_dir() is None, reason="llama.cpp's converter is not installed")]
@@ -36,11 +36,7 @@ def _env(prefect_server, home: Path) -> dict:
 
 
 def _artifact(env: dict, key: str) -> str:
-    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/artifacts/filter", method="POST",
-                                 data=json.dumps({"artifacts": {"key": {"any_": [key]}}}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        found = json.loads(r.read())
+    found = api(env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
     assert found, key
     return found[0]["data"]
 
