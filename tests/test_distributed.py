@@ -70,12 +70,12 @@ def test_two_ranks_on_an_s3_store(s3_store, data_stages):
     assert len(shards) == 2 and m.metrics["loss_last"] < m.metrics["loss_first"] * 1.05
 
 
-def test_a_qwen2_model_trains_through_the_engine(tmp_path, tiny_qwen2_dir):
-    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", [*FAST, f"model.path={tiny_qwen2_dir}",
-                                                          "model.tokenizer=builtin:tiny-bpe", "stage1.steps=8"])
-    ctx = RunContext(recipe=recipe, store=Store(str(tmp_path / "runs")), run="qwen")
+def test_a_qwen2_model_trains_through_the_engine(tmp_path, tiny_qwen2_dir, data_stages):
+    overrides = [*FAST, f"model.path={tiny_qwen2_dir}", "model.tokenizer=builtin:tiny-bpe", "stage1.steps=8"]
+    ctx = RunContext(recipe=load_recipe(ROOT / "recipes" / "tiny.yaml", overrides), store=Store(str(tmp_path / "runs")),
+                     run="qwen")
     publish_recipe(ctx)
-    run_stage(ctx, "data")
+    data_stages.seed(ctx.store, "qwen", overrides)
     m = run_stage(ctx, "stage1").manifest
     assert m.metrics["loss_last"] < m.metrics["loss_first"]
     config = ctx.store.read_json("qwen/stage1/hf/config.json")

@@ -24,11 +24,12 @@ OVERRIDES = [f"stage1.steps={STEPS}", "stage1.checkpoint_every=1", "stage1.batch
              "sft.steps=1"]
 
 
-def context(tmp_path, run: str, overrides=OVERRIDES) -> RunContext:
+def context(tmp_path, data_stages, run: str, overrides=OVERRIDES) -> RunContext:
+    """A run whose data stage is done (a copy of the session's, for these inputs): stage 1 is the subject."""
     ctx = RunContext(recipe=load_recipe(ROOT / "recipes" / "tiny.yaml", overrides), store=Store(str(tmp_path / "runs")),
                      run=run)
     publish_recipe(ctx)
-    run_stage(ctx, "data")
+    data_stages.seed(ctx.store, run, overrides)
     return ctx
 
 
@@ -47,11 +48,11 @@ def weights(ctx: RunContext) -> dict:
 
 
 @pytest.mark.parametrize("overrides", [OVERRIDES, LORA], ids=["full", "lora"])
-def test_kill_9_at_a_random_step_then_resume_gives_bit_identical_weights(tmp_path, overrides):
-    straight = context(tmp_path, "straight", overrides)
+def test_kill_9_at_a_random_step_then_resume_gives_bit_identical_weights(tmp_path, data_stages, overrides):
+    straight = context(tmp_path, data_stages, "straight", overrides)
     run_stage(straight, "stage1")
 
-    killed = context(tmp_path, "killed", overrides)
+    killed = context(tmp_path, data_stages, "killed", overrides)
     seed = int.from_bytes(os.urandom(4), "little")
     kill_after = random.Random(seed).randint(1, STEPS - 2)
     job = killed.backend.submit(job_spec(killed, "stage1", "first"))
@@ -71,8 +72,8 @@ def test_kill_9_at_a_random_step_then_resume_gives_bit_identical_weights(tmp_pat
         assert torch.equal(a[name], b[name]), f"{name} differs after resuming from step {kill_after} (seed {seed})"
 
 
-def test_checkpoints_of_other_inputs_are_refused_not_overwritten(tmp_path):
-    ctx = context(tmp_path, "r")
+def test_checkpoints_of_other_inputs_are_refused_not_overwritten(tmp_path, data_stages):
+    ctx = context(tmp_path, data_stages, "r")
     job = ctx.backend.submit(job_spec(ctx, "stage1", "first"))
     marker = ctx.store.local_path("r/stage1/checkpoints/step_00000002/COMPLETE")
     deadline = time.monotonic() + 300
@@ -116,9 +117,9 @@ def _ranks(job) -> list[int]:
 
 
 @pytest.mark.parametrize("how", ["SIGUSR1 to the ranks", "cancel (SIGTERM to the job)"])
-def test_a_scheduler_signal_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path, how):
+def test_a_scheduler_signal_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path, data_stages, how):
     # no periodic checkpoints: whatever is resumed from was written because of the signal
-    ctx = context(tmp_path, "sig", [*OVERRIDES, "stage1.checkpoint_every=0", "stage1.steps=40"])
+    ctx = context(tmp_path, data_stages, "sig", [*OVERRIDES, "stage1.checkpoint_every=0", "stage1.steps=40"])
     job = ctx.backend.submit(job_spec(ctx, "stage1", "first"))
     _wait_for_step(ctx, job, 2)
     if how.startswith("SIGUSR1"):
