@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -130,6 +132,40 @@ def test_a_grace_period_longer_than_the_time_limit_is_a_config_error(tmp_path):
 def test_slurm_exit_codes_become_shell_codes():
     assert _exit_code("0:0") == 0 and _exit_code("75:0") == 75 and _exit_code("0:9") == 137
     assert _exit_code(None) is None
+
+
+def _catches_sigterm(pid: int) -> bool:
+    caught = next(x for x in open(f"/proc/{pid}/status") if x.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("when", ["before any rank started", "while a rank runs"])
+def test_the_step_launcher_stops_on_sigterm_only_when_no_rank_would_see_it(tmp_path, when):
+    """Slurm signals every process of a step at once. A rank it signalled checkpoints and exits, so
+    torchrun must wait for it; a rank torchrun starts after the signal never sees it, so a launcher
+    signalled before any rank started stops there (a cancelled job does not run on until KillWait)."""
+    (tmp_path / "rank_job.py").write_text(
+        "import pathlib, sys, time\n"
+        "pathlib.Path(sys.argv[1]).touch()\n"
+        "time.sleep(3)\n")
+    marker = tmp_path / "rank-started"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "prolong.jobs.slurm", "--standalone", "--nnodes=1", "--nproc_per_node=1",
+         "-m", "rank_job", str(marker)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
+    deadline = time.monotonic() + 120
+    ready = (lambda: _catches_sigterm(launcher.pid)) if when.startswith("before") else marker.exists
+    while not ready():
+        assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()[-2000:]
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGTERM)  # the launcher alone: the rank, if any, is not signalled
+    _, err = launcher.communicate(timeout=120)
+    if when.startswith("before"):
+        assert launcher.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert "SIGTERM before any rank started: stopping" in err and not marker.exists()
+    else:
+        assert launcher.returncode == 0, err[-2000:]  # the rank ran to its end
+        assert "waiting for the ranks to checkpoint and exit" in err
 
 
 def test_no_sbatch_on_path_is_a_one_line_config_error(monkeypatch, tmp_path):

@@ -417,8 +417,16 @@ class SlurmBackend(JobBackend):
 
 
 def _on_term(_signum, _frame) -> None:
-    # Slurm sent SIGTERM to the ranks as well: they checkpoint and exit, torchrun then reports their code
-    os.write(2, b"torchrun: SIGTERM: waiting for the ranks to checkpoint and exit\n")
+    from prolong.jobs.supervise import descendants
+
+    if descendants(os.getpid()):
+        # Slurm sent SIGTERM to the ranks as well: they checkpoint and exit, torchrun then reports their code
+        os.write(2, b"torchrun: SIGTERM: waiting for the ranks to checkpoint and exit\n")
+        return
+    # no rank started yet (torchrun still setting up): none would ever see this signal, and there is
+    # nothing to checkpoint, so stop now, as the signal's default action would
+    os.write(2, b"torchrun: SIGTERM before any rank started: stopping\n")
+    os._exit(128 + signal.SIGTERM)
 
 
 def main(argv: list[str]) -> int:
