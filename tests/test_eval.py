@@ -2,6 +2,7 @@
 HELMET's release layout, local Hugging Face datasets) and checked against HELMET's recipe, the judge
 and key points against a real local HTTP server, synthetic tasks, perplexity and the aggregation."""
 
+import json
 import logging
 import random
 import re
@@ -412,6 +413,31 @@ def test_passkey_and_needle_prompts_fit_and_hold_their_answer(tok):
     assert synthetic.passkey_score("It is 1234 or 12345", "12345") == 0.0
     (nd,) = synthetic.needle_examples(tok, "A sentence about nothing. " * 200, [400], [0.0], 33)
     assert n_tokens(tok, nd.prompt) <= 367 and nd.prompt.startswith(synthetic.NEEDLE)
+
+
+def test_a_long_haystack_gives_the_first_tokens_tokenizing_all_of_it_gives(tok):
+    from prolong import assets
+
+    books = [json.loads(x)["text"] for x in open(assets.resolve("builtin:tiny-corpus/books.jsonl"))]
+    haystack = "\n\n".join(books)
+    whole = tok(haystack, add_special_tokens=False)["input_ids"]
+    for tokens in (10, 300, 2000, len(whole) // 2):
+        ids = synthetic._haystack_ids(tok, haystack, tokens)
+        assert len(ids) >= tokens and ids == whole[:len(ids)], tokens
+    short = tok("Short. ", add_special_tokens=False)["input_ids"]  # repeated to the length asked for
+    ids = synthetic._haystack_ids(tok, "Short. ", 50)
+    assert len(ids) >= 50 and ids == (short * 64)[:len(ids)]
+
+
+def test_lm_eval_indexes_only_the_recipes_task_folder_when_it_defines_every_task():
+    from prolong import assets
+    from prolong.eval.short_tasks import _task_manager
+
+    folder = assets.resolve("builtin:tiny-lm-eval")
+    local = _task_manager(folder, ["pymodule_mc"])
+    assert "pymodule_mc" in local.all_tasks and "hellaswag" not in local.all_tasks
+    both = _task_manager(folder, ["pymodule_mc", "hellaswag"])  # a built-in task as well: all of lm-eval's
+    assert {"pymodule_mc", "hellaswag"} <= set(both.all_tasks)
 
 
 def test_perplexity_scores_the_end_of_long_documents_only(tiny_lm, tok):

@@ -17,10 +17,8 @@ def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device, progre
     """One lm-eval call per distinct shot count (the Open LLM Leaderboard v1 convention); ``served``:
     a :class:`prolong.eval.serving.ServedGenerator` to send lm-eval's requests to instead."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    include = assets.resolve(cfg.include_path) if cfg.include_path else None
-    manager = TaskManager(include_path=include) if include else TaskManager()
+    manager = _task_manager(assets.resolve(cfg.include_path) if cfg.include_path else None, cfg.tasks)
     by_shots = defaultdict(list)
     for task in cfg.tasks:
         by_shots[cfg.shots(task)].append(task)
@@ -52,6 +50,22 @@ def run_lm_eval(model_dir: str, cfg, max_length: int, dtype: str, device, progre
             results[task] = {"num_fewshot": shots, **{k.split(",")[0]: v for k, v in metrics.items()
                                                        if "," in k and isinstance(v, (int, float))}}
     return results
+
+
+def _task_manager(include: str | None, tasks: list[str]):
+    """lm-eval's task index. Indexing its thousands of built-in task YAMLs takes seconds in every
+    evaluation job, so when the recipe's own folder defines each task asked for (as tasks, not
+    groups or tags, which may name built-in ones) only that folder is indexed."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
+
+    if not include:
+        return TaskManager()
+    local = TaskManager(include_path=include, include_defaults=False)
+    entries = local.task_index
+    if all(t in entries and entries[t].kind in (Kind.TASK, Kind.PY_TASK) for t in tasks):
+        return local
+    return TaskManager(include_path=include)
 
 
 def _check_prompt_scoring(served, stage: str) -> None:

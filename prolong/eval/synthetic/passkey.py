@@ -44,14 +44,31 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _fill(tokenizer, haystack: str, needle: str, head: str, tail: str, length: int, depth: float) -> str:
+def _haystack_ids(tokenizer, haystack: str, tokens: int) -> list[int]:
+    """At least ``tokens`` first tokens of the haystack, those tokenizing all of it gives (a short
+    haystack repeated). A haystack corpus can be far longer than any prompt and was tokenized whole
+    for every prompt: a prefix of characters holding the tokens with words to spare gives the same
+    first tokens; the ones near its cut, which may differ, are dropped."""
+    spare = 64
+    chars = 8 * tokens + 1024
+    while True:
+        ids = _ids(tokenizer, haystack[:chars])
+        if chars >= len(haystack):
+            break
+        if len(ids) >= tokens + spare:
+            ids = ids[:-spare]
+            break
+        chars *= 2
+    while len(ids) < tokens:  # repeat a short haystack
+        ids = ids + ids
+    return ids
+
+
+def _fill(tokenizer, hay_ids: list[int], needle: str, head: str, tail: str, length: int, depth: float) -> str:
     """head + haystack (cut to fit, needle at `depth`, at a sentence end) + tail, within `length` tokens."""
     budget = length - len(_ids(tokenizer, head + tail + needle))
     if budget <= 0:
         raise ValueError(f"{length} tokens cannot hold the task's instruction, needle and question")
-    hay_ids = _ids(tokenizer, haystack)
-    while len(hay_ids) < budget:  # repeat a short haystack
-        hay_ids = hay_ids + hay_ids
     text = tokenizer.decode(hay_ids[:budget])
     cut = int(len(text) * depth)
     ends = [m.end() for m in re.finditer(r"[.!?]\s", text)]
@@ -68,11 +85,12 @@ def _fill(tokenizer, haystack: str, needle: str, head: str, tail: str, length: i
 def passkey_examples(tokenizer, lengths: list[int], depths: list[float], samples: int, budget: int,
                      seed: int) -> list[SyntheticExample]:
     out = []
+    filler = _haystack_ids(tokenizer, PASSKEY_FILLER * 4, max(lengths, default=0))
     for length in lengths:
         for depth in depths:
             for s in range(samples):
                 key = str(random.Random(f"{seed}:{length}:{depth}:{s}").randint(10000, 99999))
-                prompt = _fill(tokenizer, PASSKEY_FILLER * 4, PASSKEY_NEEDLE.format(key=key), PASSKEY_TASK + " ",
+                prompt = _fill(tokenizer, filler, PASSKEY_NEEDLE.format(key=key), PASSKEY_TASK + " ",
                                " " + PASSKEY_QUESTION, length - budget, depth)
                 out.append(SyntheticExample("passkey", length, depth, prompt, key))
     return out
@@ -82,8 +100,9 @@ def needle_examples(tokenizer, haystack: str, lengths: list[int], depths: list[f
                     ) -> list[SyntheticExample]:
     if not haystack.strip():
         raise ValueError("the haystack text is empty")
+    hay_ids = _haystack_ids(tokenizer, haystack, max(lengths, default=0))
     return [SyntheticExample("needle", length, depth,
-                             _fill(tokenizer, haystack, NEEDLE, "", NEEDLE_QUESTION, length - budget, depth),
+                             _fill(tokenizer, hay_ids, NEEDLE, "", NEEDLE_QUESTION, length - budget, depth),
                              NEEDLE_ANSWER)
             for length in lengths for depth in depths]
 
