@@ -44,6 +44,8 @@ from pathlib import Path
 
 from prolong.errors import ConfigError, JobError
 from prolong.jobs.base import REQUEUE_EXIT_CODE, JobBackend, JobHandle, JobSpec, JobState
+# at import, not in the signal handler, which may run in the middle of another import
+from prolong.jobs.supervise import descendants
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +419,6 @@ class SlurmBackend(JobBackend):
 
 
 def _on_term(_signum, _frame) -> None:
-    from prolong.jobs.supervise import descendants
-
     if descendants(os.getpid()):
         # Slurm sent SIGTERM to the ranks as well: they checkpoint and exit, torchrun then reports their code
         os.write(2, b"torchrun: SIGTERM: waiting for the ranks to checkpoint and exit\n")
